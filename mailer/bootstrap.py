@@ -1,0 +1,129 @@
+"""The composition root: the one place that builds real adapters and wires the services."""
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from mailer.config import Settings
+from mailer.domain.tokens import TokenCodec
+from mailer.render import Renderer
+from mailer.services.apikeys import ApiKeys
+from mailer.services.lists import Lists
+from mailer.services.metrics import Metrics
+from mailer.services.people import People
+from mailer.services.ports import Clock, SystemClock
+from mailer.services.sending import Sender, SenderConfig
+from mailer.services.setup import instance_secrets, secret_keys
+from mailer.services.subscriptions import Subscriptions
+from mailer.store.db import Database, open_database
+from mailer.transport.capture import CaptureServer
+from mailer.transport.smtp import RelayConfig, SmtpPool
+from mailer.worker import Worker
+
+
+@dataclass
+class Mailer:
+    """Everything a running mailer is made of; built by ``open_mailer``."""
+
+    settings: Settings
+    db: Database
+    clock: Clock
+    metrics: Metrics
+    renderer: Renderer
+    lists: Lists
+    api_keys: ApiKeys
+    consent: Subscriptions
+    people: People
+    worker: Worker | None = None
+    capture: CaptureServer | None = None
+
+
+def _relay(settings: Settings, capture: CaptureServer | None) -> RelayConfig:
+    if capture is not None:
+        return RelayConfig(host=capture.host, port=capture.port, timeout=settings.smtp_timeout)
+    assert settings.smtp_host is not None
+    default_port = {"none": 25, "starttls": 587, "tls": 465}[settings.smtp_tls]
+    return RelayConfig(
+        host=settings.smtp_host,
+        port=settings.smtp_port or default_port,
+        tls=settings.smtp_tls,
+        username=settings.smtp_username,
+        password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        timeout=settings.smtp_timeout,
+    )
+
+
+@asynccontextmanager
+async def open_mailer(
+    settings: Settings, *, sending: bool = False, clock: Clock | None = None
+) -> AsyncIterator[Mailer]:
+    """Build a mailer from settings; with ``sending``, also start the worker and transport."""
+    clock = clock or SystemClock()
+    async with AsyncExitStack() as stack:
+        db = open_database(settings.database_url)
+        stack.push_async_callback(db.close)
+        keys = secret_keys(settings)
+        secrets = await instance_secrets(db)
+        codec = TokenCodec(keys, clock=lambda: clock.now().timestamp())
+        metrics = Metrics()
+        renderer = Renderer(
+            settings.templates_dir,
+            {
+                "org_name": settings.org_name,
+                "org_address": settings.org_address,
+                "privacy_contact": settings.privacy_contact,
+                "base_url": settings.base_url,
+            },
+        )
+        wake: list[Callable[[], None]] = []
+
+        def wake_senders() -> None:
+            for hook in wake:
+                hook()
+
+        consent = Subscriptions(
+            db,
+            codec,
+            secrets.hash_key,
+            clock,
+            metrics,
+            timedelta(minutes=settings.confirm_resend_minutes),
+            on_enqueued=wake_senders,
+        )
+        mailer = Mailer(
+            settings=settings,
+            db=db,
+            clock=clock,
+            metrics=metrics,
+            renderer=renderer,
+            lists=Lists(db, clock),
+            api_keys=ApiKeys(db, clock),
+            consent=consent,
+            people=People(db, clock, consent),
+        )
+        if sending:
+            capture = None
+            if settings.uses_capture:
+                capture = CaptureServer(settings.outbox_dir)
+                await capture.start()
+                stack.push_async_callback(capture.stop)
+            pool = SmtpPool(_relay(settings, capture), size=settings.worker_concurrency)
+            stack.push_async_callback(pool.close)
+            sender = Sender(
+                db,
+                pool,
+                renderer,
+                codec,
+                clock,
+                metrics,
+                SenderConfig(settings.base_url, settings.from_addr, secrets.instance_id),
+            )
+            worker = Worker(
+                sender, metrics, settings.worker_concurrency, settings.worker_poll_seconds
+            )
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+            wake.append(worker.wake)
+            mailer.worker, mailer.capture = worker, capture
+        yield mailer

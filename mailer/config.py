@@ -1,0 +1,139 @@
+"""Settings, loaded once: ``config/mailer.toml`` < ``$MAILER_CONFIG`` < ``MAILER_*`` env vars.
+
+Keys in the TOML files are the env names without the ``MAILER_`` prefix, lower-cased.
+A bad value anywhere raises one ``ConfigError`` that names the setting and the problem.
+"""
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from mailer.errors import ConfigError
+
+ENV_PREFIX = "MAILER_"
+DEFAULT_CONFIG_FILE = Path("config/mailer.toml")
+PACKAGE_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseModel):
+    """Every setting mailer reads. Field names match the env names (``MAILER_`` + upper case)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    database_url: str = "sqlite+aiosqlite:///var/mailer.db"
+    base_url: str = "http://127.0.0.1:8080"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=1, le=65535)
+    smtp_host: str | None = None
+    smtp_port: int | None = Field(None, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout: float = Field(30.0, gt=0)
+    secret_keys: list[SecretStr] = Field(default_factory=list)
+    from_addr: str = Field("news@example.org", alias="from")
+    org_name: str = "Example Org"
+    org_address: str = "1 Example Street, 00000 Example City"
+    privacy_contact: str = "privacy@example.org"
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_key_file: Path | None = None
+    trusted_proxies: list[IPNetwork] = Field(default_factory=list)
+    api_rate_per_minute: int = Field(60, ge=1)
+    confirm_resend_minutes: int = Field(10, ge=0)
+    var_dir: Path = Path("var")
+    templates_dir: Path = PACKAGE_TEMPLATES
+    worker_concurrency: int = Field(4, ge=1, le=256)
+    worker_poll_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("secret_keys", "trusted_proxies", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v), strict=False) for v in value]
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def uses_capture(self) -> bool:
+        """True when no relay is configured and mail goes to the embedded capture server."""
+        return self.smtp_host is None
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.var_dir / "outbox"
+
+    @property
+    def secret_keys_file(self) -> Path:
+        return self.var_dir / "secret_keys"
+
+
+def _env_name(field: str) -> str:
+    alias = Settings.model_fields[field].alias if field in Settings.model_fields else None
+    return ENV_PREFIX + (alias or field).upper()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = {_env_name(name): name for name in Settings.model_fields}
+    values: dict[str, Any] = {}
+    for key, value in environ.items():
+        if key in known:
+            values[known[key]] = value
+    return values
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the layered sources; raise one readable ``ConfigError``."""
+    env = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    if DEFAULT_CONFIG_FILE.is_file():
+        merged.update(_read_toml(DEFAULT_CONFIG_FILE))
+    if env.get("MAILER_CONFIG"):
+        merged.update(_read_toml(Path(env["MAILER_CONFIG"])))
+    merged = {("from_addr" if k == "from" else k): v for k, v in merged.items()}
+    merged.update(_from_env(env))
+    merged.update(overrides)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        name = _env_name(field) if field in Settings.model_fields else field
+        raise ConfigError(f"setting {name}: {first['msg']}{more}") from None
+    except ValueError as exc:
+        raise ConfigError(f"bad setting: {exc}") from None

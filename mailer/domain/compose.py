@@ -1,0 +1,74 @@
+"""Building the wire form of a message. Refuses any message that cannot be stopped (G3)."""
+
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.policy import SMTP, SMTPUTF8, Policy
+from email.utils import format_datetime
+
+from mailer.errors import MissingUnsubscribe
+
+ONE_CLICK = "List-Unsubscribe=One-Click"
+MAX_LINE = 998
+"""RFC 5322's hard line limit. With the default 78, the email package re-encodes a long
+``List-Unsubscribe`` URL as an RFC 2047 encoded-word, which one-click clients cannot read."""
+_ASCII_POLICY: Policy = SMTP.clone(max_line_length=MAX_LINE)
+_UTF8_POLICY: Policy = SMTPUTF8.clone(max_line_length=MAX_LINE)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """The bodies of one message, rendered from templates."""
+
+    subject: str
+    text: str
+    html: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Who the message is from and to, and the list headers that come with it."""
+
+    from_name: str
+    from_addr: str
+    to_addr: str
+    list_id: str
+    unsubscribe_url: str
+    message_id: str
+    date: datetime
+    smtputf8: bool = False
+
+
+def check_stoppable(rendered: Rendered, unsubscribe_url: str) -> None:
+    """Raise ``MissingUnsubscribe`` unless both parts show the unsubscribe link."""
+    if not unsubscribe_url:
+        raise MissingUnsubscribe("the message has no unsubscribe link")
+    if unsubscribe_url not in rendered.text:
+        raise MissingUnsubscribe("the text part does not show the unsubscribe link")
+    if unsubscribe_url not in rendered.html:
+        raise MissingUnsubscribe("the HTML part does not show the unsubscribe link")
+
+
+def compose(envelope: Envelope, rendered: Rendered) -> bytes:
+    """Return the message as bytes ready for SMTP ``DATA``, with the RFC 8058/2369/2919 headers."""
+    check_stoppable(rendered, envelope.unsubscribe_url)
+    msg = EmailMessage()
+    local, _, domain = envelope.from_addr.rpartition("@")
+    msg["From"] = HeaderAddress(envelope.from_name, local, domain)
+    msg["To"] = envelope.to_addr
+    msg["Subject"] = rendered.subject
+    msg["Date"] = format_datetime(envelope.date)
+    msg["Message-ID"] = envelope.message_id
+    msg["List-Id"] = envelope.list_id
+    msg["List-Unsubscribe"] = f"<{envelope.unsubscribe_url}>"
+    msg["List-Unsubscribe-Post"] = ONE_CLICK
+    msg.set_content(rendered.text, subtype="plain", cte="quoted-printable")
+    msg.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
+    return msg.as_bytes(policy=_UTF8_POLICY if envelope.smtputf8 else _ASCII_POLICY)
+
+
+def list_id_header(name: str, slug: str, domain: str) -> str:
+    """An RFC 2919 ``List-Id``: ``"Name" <slug.domain>``."""
+    safe = name.replace("\\", "").replace('"', "")
+    return f'"{safe}" <{slug}.{domain}>'

@@ -1,0 +1,41 @@
+"""A token bucket over an injected clock (seconds, monotonic)."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` tokens per second, holding at most ``burst``; starts full."""
+
+    rate: float
+    burst: float
+    _tokens: float = field(init=False)
+    _stamp: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._tokens = self.burst
+
+    def take(self, now: float) -> float:
+        """Take one token. Return 0.0 on success, else the seconds until one is available."""
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
+class KeyedLimiter:
+    """One token bucket per key, e.g. per API key id."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(per_minute * 2)
+        self._buckets: dict[object, TokenBucket] = {}
+
+    def take(self, key: object, now: float) -> float:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.take(now)

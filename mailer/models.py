@@ -1,0 +1,160 @@
+"""SQLModel tables and the status vocabularies. Data only: no queries, no rules.
+
+Timestamps are stored as naive UTC. Statuses are plain strings in the database (portable,
+no enum types to migrate); the ``StrEnum`` classes below are the only values code writes.
+"""
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, Index, String, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class SuppressionReason(StrEnum):
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    ERASED = "erased"
+    MANUAL = "manual"
+
+
+class MessageKind(StrEnum):
+    CONFIRM = "confirm"
+    CAMPAIGN = "campaign"
+    ANNOUNCEMENT = "announcement"
+
+
+class OutboxStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNKNOWN = "unknown"
+
+
+class Channel(StrEnum):
+    API = "api"
+    PAGE = "page"
+    ONE_CLICK = "one-click"
+    CLI = "cli"
+    IMPORT = "import"
+    BOUNCE = "bounce"
+
+
+class MailingList(SQLModel, table=True):
+    __tablename__ = "mailing_list"
+
+    id: int | None = Field(default=None, primary_key=True)
+    uid: str = Field(sa_column=Column(String(16), unique=True, nullable=False))
+    slug: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    name: str = Field(max_length=200)
+    description: str = Field(default="", max_length=2000)
+    from_addr: str | None = Field(default=None, max_length=320)
+    created_at: datetime
+
+
+class Subscriber(SQLModel, table=True):
+    __tablename__ = "subscriber"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(sa_column=Column(String(320), unique=True, nullable=False))
+    email_hash: str = Field(sa_column=Column(String(32), unique=True, nullable=False))
+    name: str | None = Field(default=None, max_length=200)
+    created_at: datetime
+
+
+class Subscription(SQLModel, table=True):
+    __tablename__ = "subscription"
+    __table_args__ = (UniqueConstraint("subscriber_id", "list_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscriber_id: int = Field(foreign_key="subscriber.id", ondelete="CASCADE", index=True)
+    list_id: int = Field(foreign_key="mailing_list.id", ondelete="CASCADE", index=True)
+    status: str = Field(max_length=16)
+    created_at: datetime
+    updated_at: datetime
+    confirmed_at: datetime | None = None
+
+
+class Suppression(SQLModel, table=True):
+    __tablename__ = "suppression"
+
+    email_hash: str = Field(sa_column=Column(String(32), primary_key=True))
+    reason: str = Field(max_length=16)
+    created_at: datetime
+
+
+class ConsentEvent(SQLModel, table=True):
+    """One entry of the append-only, hash-chained consent ledger.
+
+    ``ip`` and ``user_agent`` are personal data and may be blanked on erasure; the chain
+    covers them through ``evidence_digest``, so blanking them never breaks verification.
+    """
+
+    __tablename__ = "consent_event"
+
+    seq: int = Field(primary_key=True)
+    at: datetime
+    event: str = Field(max_length=32)
+    subject_hash: str = Field(sa_column=Column(String(32), index=True, nullable=False))
+    list_uid: str | None = Field(default=None, max_length=16)
+    scope: str = Field(max_length=16)
+    channel: str = Field(max_length=16)
+    actor: str = Field(max_length=120)
+    ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    policy_version: str | None = Field(default=None, max_length=64)
+    evidence_digest: str = Field(max_length=64)
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    prefix: str = Field(max_length=16)
+    key_hash: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class Outbox(SQLModel, table=True):
+    """One message to one person: the unit the sender claims, checks, sends and records."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "subscriber_id"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_recipient", "subscriber_id", "kind", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    campaign_id: int | None = None
+    list_id: int | None = Field(default=None, foreign_key="mailing_list.id", ondelete="CASCADE")
+    subscriber_id: int = Field(foreign_key="subscriber.id", ondelete="CASCADE")
+    status: str = Field(max_length=16)
+    reason: str | None = Field(default=None, max_length=500)
+    attempts: int = 0
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+class InstanceSetting(SQLModel, table=True):
+    """Per-installation values generated once, e.g. the address-hash key (never rotates)."""
+
+    __tablename__ = "instance_setting"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: str = Field(max_length=200)

@@ -1,0 +1,1 @@
+"""Use cases and transaction boundaries. No HTTP or CLI knowledge lives here."""

@@ -1,0 +1,38 @@
+"""Prometheus metrics, on a registry owned by one running mailer (no module-level state)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.opt_ins = Counter(
+            "mailer_opt_in_requests", "Opt-in requests by outcome", ["outcome"], registry=r
+        )
+        self.confirmations = Counter("mailer_confirmations", "Subscriptions confirmed", registry=r)
+        self.unsubscribes = Counter(
+            "mailer_unsubscribes",
+            "Unsubscribe requests by channel and scope",
+            ["channel", "scope"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "mailer_messages",
+            "Outbox messages by kind and final state",
+            ["kind", "state"],
+            registry=r,
+        )
+        self.handoff = Histogram(
+            "mailer_check_to_handoff_seconds",
+            "Seconds from the consent check committing to the relay's reply to DATA",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "mailer_api_rate_limited", "API requests refused with 429", registry=r
+        )
+        self.worker_busy = Gauge("mailer_worker_busy", "Send tasks handing off now", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,32 @@
+"""The small interfaces services depend on, so tests can pass hand-written fakes."""
+
+import time
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from typing import Protocol
+
+from mailer.transport.outcomes import Outcome
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """Aware UTC wall time."""
+        ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class MailConnection(Protocol):
+    async def send(self, sender: str, recipient: str, data: bytes, smtputf8: bool) -> Outcome: ...
+
+
+class MailTransport(Protocol):
+    def connection(self) -> AbstractAsyncContextManager[MailConnection]: ...

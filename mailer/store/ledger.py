@@ -1,0 +1,104 @@
+"""The consent ledger: append-only, hash-chained (the chain rules live in ``domain.ledger``)."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, insert, select
+
+from mailer.domain.ledger import GENESIS, Entry, Evidence, entry_hash, evidence_digest
+from mailer.store.tables import consent_events as t
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    entry: Entry
+    hash: str
+    ip: str | None
+    user_agent: str | None
+
+
+def append(
+    conn: Connection,
+    *,
+    event: str,
+    subject_hash: str,
+    list_uid: str | None,
+    scope: str,
+    evidence: Evidence,
+    policy_version: str | None,
+    now: datetime,
+) -> int:
+    """Append one entry linked to the current head; return its sequence number.
+
+    Callers run inside a write transaction, so the head cannot move underneath; the primary
+    key on ``seq`` refuses a fork should two writers ever race.
+    """
+    head = conn.execute(select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+    seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
+    entry = Entry(
+        seq=seq,
+        at=now,
+        event=event,
+        subject_hash=subject_hash,
+        list_uid=list_uid,
+        scope=scope,
+        channel=evidence.channel,
+        actor=evidence.actor,
+        policy_version=policy_version,
+        evidence_digest=evidence_digest(evidence.ip, evidence.user_agent),
+        prev_hash=prev,
+    )
+    conn.execute(
+        insert(t).values(
+            seq=entry.seq,
+            at=entry.at,
+            event=entry.event,
+            subject_hash=entry.subject_hash,
+            list_uid=entry.list_uid,
+            scope=entry.scope,
+            channel=entry.channel,
+            actor=entry.actor,
+            ip=evidence.ip,
+            user_agent=evidence.user_agent,
+            policy_version=entry.policy_version,
+            evidence_digest=entry.evidence_digest,
+            prev_hash=entry.prev_hash,
+            hash=entry_hash(entry),
+        )
+    )
+    return seq
+
+
+def _records(conn: Connection, where: object | None = None) -> Iterator[LedgerRecord]:
+    q = select(t).order_by(t.c.seq)
+    if where is not None:
+        q = q.where(where)  # type: ignore[arg-type]
+    for m in conn.execute(q).mappings():
+        yield LedgerRecord(
+            Entry(
+                seq=m["seq"],
+                at=m["at"],
+                event=m["event"],
+                subject_hash=m["subject_hash"],
+                list_uid=m["list_uid"],
+                scope=m["scope"],
+                channel=m["channel"],
+                actor=m["actor"],
+                policy_version=m["policy_version"],
+                evidence_digest=m["evidence_digest"],
+                prev_hash=m["prev_hash"],
+            ),
+            m["hash"],
+            m["ip"],
+            m["user_agent"],
+        )
+
+
+def chain(conn: Connection) -> Iterator[LedgerRecord]:
+    """Every entry in order, streamed."""
+    return _records(conn)
+
+
+def for_subject(conn: Connection, subject_hash: str) -> list[LedgerRecord]:
+    return list(_records(conn, t.c.subject_hash == subject_hash))

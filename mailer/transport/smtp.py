@@ -1,0 +1,132 @@
+"""SMTP out through aiosmtplib, step by step, so each failure maps to the right outcome.
+
+Everything before ``DATA`` is safe to retry; an explicit reply code is never ambiguous
+(4xx temporary, 5xx permanent, 421 also backs the relay off); only a lost connection or a
+timeout during ``DATA`` is ``Unknown`` and must not be retried (research/reliability-plan.md).
+"""
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from mailer.transport.outcomes import Outcome, PermFail, Sent, TempFail, Unknown
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    host: str
+    port: int
+    tls: str = "none"  # none | starttls | tls
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 30.0
+    local_hostname: str | None = None
+
+
+class SmtpPool:
+    """A small pool of reusable SMTP connections to one relay."""
+
+    def __init__(self, relay: RelayConfig, size: int = 4) -> None:
+        self.relay = relay
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(size)
+
+    def _client(self) -> aiosmtplib.SMTP:
+        r = self.relay
+        return aiosmtplib.SMTP(
+            hostname=r.host,
+            port=r.port,
+            use_tls=r.tls == "tls",
+            start_tls=r.tls == "starttls",
+            validate_certs=r.tls != "none",
+            tls_context=ssl.create_default_context() if r.tls != "none" else None,
+            username=r.username,
+            password=r.password,
+            timeout=r.timeout,
+            local_hostname=r.local_hostname,
+        )
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator["Connection"]:
+        """Lend one connection (opened lazily at first send); return it to the pool after."""
+        async with self._slots:
+            client = self._idle.pop() if self._idle else self._client()
+            lease = Connection(client)
+            try:
+                yield lease
+            finally:
+                if client.is_connected and not lease.broken:
+                    self._idle.append(client)
+                else:
+                    _drop(client)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                _drop(client)
+
+
+def _drop(client: aiosmtplib.SMTP) -> None:
+    if client.is_connected:
+        client.close()
+
+
+class Connection:
+    """One lent SMTP connection. ``send`` never raises for SMTP trouble: it returns an outcome."""
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self._client = client
+        self.broken = False
+
+    async def send(self, sender: str, recipient: str, data: bytes, smtputf8: bool) -> Outcome:
+        client = self._client
+        if client.is_connected:
+            try:
+                await client.rset()  # also notices a connection the relay dropped while idle
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                _drop(client)
+        try:
+            if not client.is_connected:
+                await client.connect()
+        except aiosmtplib.SMTPResponseException as exc:
+            return self._refused("connect", exc)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.broken = True
+            return TempFail(f"could not reach the relay: {exc}", relay_backoff=True)
+        options = ["SMTPUTF8"] if smtputf8 else []
+        step = "MAIL FROM"
+        try:
+            await client.mail(sender, options=options)
+            step = "RCPT TO"
+            await client.rcpt(recipient)
+        except aiosmtplib.SMTPResponseException as exc:
+            return self._refused(step, exc)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.broken = True
+            return TempFail(f"connection lost at {step}: {exc}")
+        try:
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return self._refused("DATA", exc)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.broken = True
+            return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")
+        return Sent(f"{response.code} {response.message}")
+
+    def _refused(self, step: str, exc: aiosmtplib.SMTPResponseException) -> Outcome:
+        reason = f"{step}: {exc.code} {exc.message}"
+        if exc.code == 421 or not self._client.is_connected:
+            self.broken = True
+        if 400 <= exc.code < 500:
+            return TempFail(reason, relay_backoff=exc.code == 421)
+        if exc.code >= 500:
+            return PermFail(exc.code, reason)
+        self.broken = True
+        return TempFail(reason)

@@ -1,0 +1,1 @@
+"""The HTTP surface: the JSON API, the subscriber pages and the operations routes."""

@@ -1,0 +1,113 @@
+"""The JSON API for other services: opt-in and opt-out by address, with bearer keys."""
+
+import ipaddress
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mailer.domain.ledger import Evidence
+from mailer.errors import InvalidInput, RateLimited
+from mailer.models import Channel
+from mailer.store.apikeys import ApiKeyRow
+from mailer.web.context import (
+    LIMITER,
+    MAX_USER_AGENT,
+    mailer_of,
+    request_ip,
+    request_user_agent,
+)
+from mailer.web.openapi import SPEC
+
+routes = web.RouteTableDef()
+M = TypeVar("M", bound=BaseModel)
+MAX_BODY = 16 * 1024
+
+
+class OptInBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    email: str = Field(max_length=1000)
+    list: str = Field(min_length=1, max_length=64)
+    name: str | None = Field(None, max_length=200)
+    source: str | None = Field(None, max_length=60)
+    ip: str | None = None
+    user_agent: str | None = Field(None, max_length=MAX_USER_AGENT)
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        return None if value is None else str(ipaddress.ip_address(value))
+
+
+class OptOutBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    email: str = Field(max_length=1000)
+    list: str | None = Field(None, min_length=1, max_length=64)
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise InvalidInput(f"the body is larger than {MAX_BODY} bytes")
+    if request.content_type != "application/json":
+        raise InvalidInput("the body must be JSON (Content-Type: application/json)")
+    try:
+        data: Any = await request.json()
+    except ValueError:
+        raise InvalidInput("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from None
+
+
+async def _authorised(request: web.Request) -> ApiKeyRow:
+    mailer = mailer_of(request)
+    key = await mailer.api_keys.authenticate(request.headers.get("Authorization"))
+    wait = request.app[LIMITER].take(key.id, mailer.clock.monotonic())
+    if wait > 0:
+        mailer.metrics.rate_limited.inc()
+        raise RateLimited("too many requests for this API key", retry_after=wait)
+    return key
+
+
+def _actor(key: ApiKeyRow, source: str | None = None) -> str:
+    return f"api-key:{key.name}" + (f" ({source})" if source else "")
+
+
+@routes.post("/api/v1/subscriptions")
+async def opt_in(request: web.Request) -> web.Response:
+    key = await _authorised(request)
+    body = await _body(request, OptInBody)
+    evidence = Evidence(
+        channel=Channel.API.value,
+        actor=_actor(key, body.source),
+        ip=body.ip or request_ip(request),
+        user_agent=body.user_agent or request_user_agent(request),
+    )
+    await mailer_of(request).consent.request_opt_in(body.email, body.list, body.name, evidence)
+    return web.json_response({"status": "pending"}, status=202)
+
+
+@routes.delete("/api/v1/subscriptions")
+async def opt_out(request: web.Request) -> web.Response:
+    key = await _authorised(request)
+    body = await _body(request, OptOutBody)
+    evidence = Evidence(
+        channel=Channel.API.value,
+        actor=_actor(key),
+        ip=request_ip(request),
+        user_agent=request_user_agent(request),
+    )
+    await mailer_of(request).consent.unsubscribe_address(body.email, body.list, evidence)
+    return web.json_response({"status": "unsubscribed"})
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi(_request: web.Request) -> web.Response:
+    return web.json_response(SPEC)
