@@ -1,52 +1,13 @@
-"""SQLModel tables and the status vocabularies. Data only: no queries, no rules.
+"""SQLModel tables. Data only: no queries, no rules.
 
-Timestamps are stored as naive UTC. Statuses are plain strings in the database (portable,
-no enum types to migrate); the ``StrEnum`` classes below are the only values code writes.
+Timestamps are aware UTC. Statuses are plain strings in the database (portable, no enum
+types to migrate); ``mailer.statuses`` holds the only values code writes.
 """
 
 from datetime import datetime
-from enum import StrEnum
 
 from sqlalchemy import Column, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
-
-
-class SubscriptionStatus(StrEnum):
-    PENDING = "pending"
-    CONFIRMED = "confirmed"
-    UNSUBSCRIBED = "unsubscribed"
-
-
-class SuppressionReason(StrEnum):
-    UNSUBSCRIBED = "unsubscribed"
-    BOUNCED = "bounced"
-    COMPLAINED = "complained"
-    ERASED = "erased"
-    MANUAL = "manual"
-
-
-class MessageKind(StrEnum):
-    CONFIRM = "confirm"
-    CAMPAIGN = "campaign"
-    ANNOUNCEMENT = "announcement"
-
-
-class OutboxStatus(StrEnum):
-    QUEUED = "queued"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    UNKNOWN = "unknown"
-
-
-class Channel(StrEnum):
-    API = "api"
-    PAGE = "page"
-    ONE_CLICK = "one-click"
-    CLI = "cli"
-    IMPORT = "import"
-    BOUNCE = "bounce"
 
 
 class MailingList(SQLModel, table=True):

@@ -14,7 +14,7 @@ from rich.table import Table
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.config import load_settings
 from mailer.domain.ledger import Evidence
-from mailer.models import Channel
+from mailer.statuses import Channel
 
 T = TypeVar("T")
 console = Console(highlight=False, soft_wrap=True)

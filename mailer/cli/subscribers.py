@@ -1,4 +1,4 @@
-"""``mailer subscriber add|show|export|unsubscribe``."""
+"""``mailer subscriber add|show|export|erase|unsubscribe``."""
 
 from typing import Annotated
 
@@ -73,6 +73,18 @@ def show(
 def export(email: str) -> None:
     """Print, as JSON, everything held on one person."""
     print_json(run(lambda m: m.people.export(email)))
+
+
+@app.command("erase")
+def erase(
+    email: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete all data on a person; only the keyed suppression hash remains."""
+    if not yes:
+        typer.confirm(f"Erase every record of {email.strip()}?", abort=True)
+    run(lambda m: m.people.erase(email, staff_evidence()))
+    say(f"erased {email.strip()}; only its suppression hash is kept")
 
 
 @app.command("unsubscribe")

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from mailer.models import MessageKind, SubscriptionStatus, SuppressionReason
+from mailer.statuses import MessageKind, SubscriptionStatus, SuppressionReason
 
 CONFIRM_DAILY_CAP = 3
 """Confirmation requests per address per 24 hours, across all lists."""

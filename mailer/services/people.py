@@ -9,9 +9,9 @@ from sqlalchemy import Connection
 from mailer.domain.consent import REQUEST_LIFTABLE
 from mailer.domain.ledger import Evidence
 from mailer.errors import Conflict, NotFound
-from mailer.models import SuppressionReason
 from mailer.services.ports import Clock
 from mailer.services.subscriptions import Subscriptions
+from mailer.statuses import SuppressionReason
 from mailer.store import ledger, people, suppression
 from mailer.store.db import Database
 from mailer.store.people import SubscriberRow, SubscriptionRow
@@ -148,6 +148,36 @@ class People:
             return reason
 
         return await self._db.write(tx)
+
+    async def erase(self, raw_email: str, evidence: Evidence) -> None:
+        """Delete everything held on a person but the keyed suppression hash (G5).
+
+        Their unsubscribe links keep working (G4): they name only that hash.
+        """
+        _, subject = self._consent.identify(raw_email)
+        now = self._clock.now()
+
+        def tx(conn: Connection) -> None:
+            found = people.by_hash(conn, subject)
+            if found is None and suppression.reason_for(conn, subject) is None:
+                raise NotFound("no data is held on that address")
+            if found is not None:
+                people.delete(conn, found.id)
+            ledger.blank_evidence(conn, subject)
+            suppression.put(conn, subject, SuppressionReason.ERASED, now)
+            ledger.append(
+                conn,
+                event="erased",
+                subject_hash=subject,
+                list_uid=None,
+                scope="global",
+                evidence=evidence,
+                policy_version=None,
+                now=now,
+            )
+
+        await self._db.write(tx)
+        await self._db.compact_erased()
 
 
 def person_json(person: Person) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from mailer.domain.compose import Envelope, Rendered, compose, list_id_header
 from mailer.domain.retry import next_attempt
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.errors import MissingUnsubscribe
-from mailer.models import MessageKind, OutboxStatus
 from mailer.render import Renderer
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock, MailConnection, MailTransport
+from mailer.statuses import MessageKind, OutboxStatus
 from mailer.store import outbox
 from mailer.store.db import Database
 from mailer.store.outbox import Claimed

@@ -12,9 +12,9 @@ from mailer.domain.consent import REQUEST_LIFTABLE, OptInOutcome, opt_in_outcome
 from mailer.domain.ledger import Evidence
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.errors import BadToken, InvalidInput, NotFound
-from mailer.models import MessageKind, SubscriptionStatus, SuppressionReason
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock
+from mailer.statuses import MessageKind, SubscriptionStatus, SuppressionReason
 from mailer.store import ledger, lists, outbox, people, suppression
 from mailer.store.db import Database
 from mailer.store.lists import ListRow

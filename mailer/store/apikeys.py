@@ -17,10 +17,6 @@ class ApiKeyRow:
     revoked_at: datetime | None
 
 
-def _row(r: tuple[int, str, str, datetime, datetime | None]) -> ApiKeyRow:
-    return ApiKeyRow(*r)
-
-
 _COLS = (t.c.id, t.c.name, t.c.prefix, t.c.created_at, t.c.revoked_at)
 
 
@@ -36,11 +32,11 @@ def active_by_hash(conn: Connection, key_hash: str) -> ApiKeyRow | None:
     r = conn.execute(
         select(*_COLS).where(t.c.key_hash == key_hash, t.c.revoked_at.is_(None))
     ).first()
-    return None if r is None else _row(r.tuple())
+    return None if r is None else ApiKeyRow(*r)
 
 
 def all_keys(conn: Connection) -> list[ApiKeyRow]:
-    return [_row(r.tuple()) for r in conn.execute(select(*_COLS).order_by(t.c.name))]
+    return [ApiKeyRow(*r) for r in conn.execute(select(*_COLS).order_by(t.c.name))]
 
 
 def revoke(conn: Connection, name: str, now: datetime) -> bool:

@@ -45,6 +45,9 @@ class Database:
         """Run ``fn`` on a connection with no transaction begun (migrations manage their own)."""
         raise NotImplementedError
 
+    async def compact_erased(self) -> None:
+        """Make erased rows unrecoverable from the database files (no-op where not needed)."""
+
     async def close(self) -> None:
         raise NotImplementedError
 
@@ -104,6 +107,14 @@ class SqliteDatabase(Database):
 
         return await self._submit(job)
 
+    async def compact_erased(self) -> None:
+        """``secure_delete`` zeroes freed pages; a truncating checkpoint empties the WAL."""
+
+        def job() -> None:
+            self._connection().exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self._submit(job)
+
     async def close(self) -> None:
         def job() -> None:
             conn: Connection | None = getattr(self._local, "conn", None)
@@ -127,6 +138,7 @@ def _sqlite_engine(path: Path) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA secure_delete=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 
 from mailer.domain.ledger import GENESIS, Entry, Evidence, entry_hash, evidence_digest
 from mailer.store.tables import consent_events as t
@@ -102,3 +102,12 @@ def chain(conn: Connection) -> Iterator[LedgerRecord]:
 
 def for_subject(conn: Connection, subject_hash: str) -> list[LedgerRecord]:
     return list(_records(conn, t.c.subject_hash == subject_hash))
+
+
+def blank_evidence(conn: Connection, subject_hash: str) -> int:
+    """Erase the ip and user agent of a person's entries. The chain keeps their digest, so it
+    still verifies; this is the only change ever made to a written entry."""
+    result = conn.execute(
+        update(t).where(t.c.subject_hash == subject_hash).values(ip=None, user_agent=None)
+    )
+    return int(result.rowcount)

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, RowMapping, func, insert, select
 
-from mailer.models import SubscriptionStatus
+from mailer.statuses import SubscriptionStatus
 from mailer.store.tables import lists, subscriptions
 
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, and_, func, insert, select, update
 
 from mailer.domain.consent import RequestHistory, may_send
-from mailer.models import MessageKind, OutboxStatus
+from mailer.statuses import MessageKind, OutboxStatus
 from mailer.store.tables import (
     lists,
     outbox,

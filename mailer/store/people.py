@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import delete as sa_delete
 
-from mailer.models import SubscriptionStatus
+from mailer.statuses import SubscriptionStatus
 from mailer.store.tables import lists, subscribers, subscriptions
 
 
@@ -134,3 +135,8 @@ def subscriptions_of(conn: Connection, subscriber_id: int) -> list[SubscriptionR
         .order_by(lists.c.slug)
     )
     return [SubscriptionRow(*r) for r in conn.execute(q)]
+
+
+def delete(conn: Connection, subscriber_id: int) -> None:
+    """Delete a person; their subscriptions and outbox rows go with them (ON DELETE CASCADE)."""
+    conn.execute(sa_delete(subscribers).where(subscribers.c.id == subscriber_id))

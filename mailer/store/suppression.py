@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import Connection, delete, insert, select, update
 
 from mailer.domain.consent import next_suppression
-from mailer.models import SuppressionReason
+from mailer.statuses import SuppressionReason
 from mailer.store.tables import subscribers, suppressions
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mailer.domain.ledger import Evidence
 from mailer.errors import InvalidInput, RateLimited
-from mailer.models import Channel
+from mailer.statuses import Channel
 from mailer.store.apikeys import ApiKeyRow
 from mailer.web.context import (
     LIMITER,

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from mailer.domain.ledger import Evidence
 from mailer.errors import BadToken
-from mailer.models import Channel
+from mailer.statuses import Channel
 from mailer.web.context import mailer_of, request_ip, request_user_agent
 
 routes = web.RouteTableDef()

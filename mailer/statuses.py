@@ -1,0 +1,41 @@
+"""The status and reason vocabularies every layer shares. No dependencies, data only."""
+
+from enum import StrEnum
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class SuppressionReason(StrEnum):
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    ERASED = "erased"
+    MANUAL = "manual"
+
+
+class MessageKind(StrEnum):
+    CONFIRM = "confirm"
+    CAMPAIGN = "campaign"
+    ANNOUNCEMENT = "announcement"
+
+
+class OutboxStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNKNOWN = "unknown"
+
+
+class Channel(StrEnum):
+    API = "api"
+    PAGE = "page"
+    ONE_CLICK = "one-click"
+    CLI = "cli"
+    IMPORT = "import"
+    BOUNCE = "bounce"

@@ -1,0 +1,105 @@
+"""Fixtures: a real mailer on a real SQLite file, a real SMTP sink, a real aiohttp server."""
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from mailer.bootstrap import Mailer, open_mailer
+from mailer.config import Settings, load_settings
+from mailer.services.setup import initialise
+from mailer.store.db import open_database
+from mailer.web.app import create_app
+from tests.harness import Captured, SinkServer
+
+SECRET = "test-secret-key-one"
+BASE_URL = "http://mailer.test"
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[SinkServer]:
+    server = SinkServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "var_dir": tmp_path / "var",
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}",
+        "secret_keys": SECRET,
+        "base_url": BASE_URL,
+        "worker_poll_seconds": 0.05,
+        "worker_concurrency": 2,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, **values)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "mailer.db"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sink: SinkServer) -> Settings:
+    return make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=sink.port)
+
+
+async def init_db(settings: Settings) -> None:
+    db = open_database(settings.database_url)
+    try:
+        await initialise(settings, db)
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def mailer(settings: Settings) -> AsyncIterator[Mailer]:
+    """A running mailer with its worker sending to the sink."""
+    await init_db(settings)
+    async with open_mailer(settings, sending=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(mailer: Mailer) -> AsyncIterator[TestClient[Any, Any]]:
+    """An HTTP client talking to the real aiohttp app on a loopback port."""
+    async with TestClient(TestServer(create_app(mailer))) as http:
+        yield http
+
+
+@pytest.fixture
+async def news(mailer: Mailer) -> str:
+    await mailer.lists.create("news", "Example News")
+    return "news"
+
+
+@pytest.fixture
+async def api_key(mailer: Mailer) -> str:
+    return await mailer.api_keys.create("tests")
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+LINK = re.compile(r"https?://[^\s\"<>]+/(confirm|unsubscribe)/([A-Za-z0-9_.~-]+)")
+
+
+def links(message: Captured) -> dict[str, str]:
+    """The confirm and unsubscribe URLs shown in a message's text part."""
+    text = message.message.get_body(("plain",))
+    assert text is not None
+    found: dict[str, str] = {}
+    for m in LINK.finditer(text.get_content()):
+        found.setdefault(m.group(1), m.group(0))
+    return found
+
+
+def path_of(url: str) -> str:
+    return url.removeprefix(BASE_URL)
