@@ -20,6 +20,7 @@ DEFAULT_CONFIG_FILE = Path("config/mailer.toml")
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SECRET_FIELDS = frozenset({"secret_keys", "smtp_password"})
 
 
 def _split_csv(value: object) -> object:
@@ -59,7 +60,7 @@ class Settings(BaseModel):
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_poll_seconds: float = Field(1.0, gt=0)
 
-    @field_validator("secret_keys", "trusted_proxies", mode="before")
+    @field_validator("secret_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -67,6 +68,7 @@ class Settings(BaseModel):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
+        value = _split_csv(value)
         if isinstance(value, list):
             return [ipaddress.ip_network(str(v), strict=False) for v in value]
         return value
@@ -134,6 +136,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         field = str(first["loc"][0]) if first["loc"] else "?"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         name = _env_name(field) if field in Settings.model_fields else field
-        raise ConfigError(f"setting {name}: {first['msg']}{more}") from None
+        shown = "" if field in SECRET_FIELDS else f" (got {str(first['input'])[:60]!r})"
+        raise ConfigError(f"setting {name}: {first['msg']}{shown}{more}") from None
     except ValueError as exc:
         raise ConfigError(f"bad setting: {exc}") from None

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.output import JSON_HELP, print_json, run, say
+from mailer.cli.output import JSON_HELP, fail_line, print_json, run, say
 from mailer.services.ledger import verify as verify_chain
 
 app = typer.Typer(help="The consent ledger.", no_args_is_help=True)
@@ -27,6 +27,6 @@ def verify(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = Fa
     elif problem is None:
         say(f"ledger ok: {result.entries} entries, chain intact")
     else:
-        say(f"ledger BROKEN at entry {problem.seq}: {problem.problem}")
+        fail_line(f"ledger BROKEN at entry {problem.seq}: {problem.problem}")
     if problem is not None:
         raise typer.Exit(1)

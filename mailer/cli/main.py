@@ -4,11 +4,11 @@ import os
 import sys
 import traceback
 
-import click
 import typer
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailer.cli import apikeys, ledger, lists, server, subscribers, suppression
+from mailer.cli.output import fail_line
 from mailer.errors import MailerError
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ app.add_typer(ledger.app, name="ledger")
 
 
 def _fail(message: str, code: int = 1) -> int:
-    sys.stderr.write(f"mailer: error: {message}\n")
+    fail_line(message)
     return code
 
 
@@ -38,13 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. Errors never print a traceback (set MAILER_DEBUG=1)."""
     try:
         result = app(args=argv, standalone_mode=False, prog_name="mailer")
-    except click.UsageError as exc:
-        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        return _fail(exc.format_message() + hint, 2)
-    except click.Abort:
+    except typer.Abort:
         return _fail("aborted", 130)
-    except click.ClickException as exc:
-        return _fail(exc.format_message())
+    except typer.TyperException as exc:  # usage errors: unknown verb, missing option, ...
+        code = exc.exit_code
+        hint = " (see `mailer --help`)" if code == 2 else ""
+        return _fail(exc.format_message().rstrip(".") + hint, code)
     except MailerError as exc:
         return _fail(exc.message)
     except SQLAlchemyError as exc:

@@ -67,3 +67,8 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
 
 def say(message: str) -> None:
     console.print(message, markup=False)
+
+
+def fail_line(message: str) -> None:
+    """One error line on stderr, in the same form as every other CLI error."""
+    sys.stderr.write(f"mailer: error: {message}\n")

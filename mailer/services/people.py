@@ -43,9 +43,8 @@ class People:
         def tx(conn: Connection) -> Person:
             found = people.by_hash(conn, subject)
             subs = [] if found is None else people.subscriptions_of(conn, found.id)
-            return Person(
-                address.email, subject, found, subs, suppression.reason_for(conn, subject)
-            )
+            email = address.email if found is None else found.email
+            return Person(email, subject, found, subs, suppression.reason_for(conn, subject))
 
         person = await self._db.read(tx)
         if person.subscriber is None and person.suppression is None:

@@ -111,7 +111,9 @@ class SqliteDatabase(Database):
         """``secure_delete`` zeroes freed pages; a truncating checkpoint empties the WAL."""
 
         def job() -> None:
-            self._connection().exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            raw = self._connection().connection.driver_connection  # autocommit: no BEGIN
+            assert raw is not None
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
         await self._submit(job)
 

@@ -101,11 +101,12 @@ class Connection:
             self.broken = True
             return TempFail(f"could not reach the relay: {exc}", relay_backoff=True)
         options = ["SMTPUTF8"] if smtputf8 else []
+        encoding = "utf-8" if smtputf8 else "ascii"  # aiosmtplib encodes addresses as ASCII
         step = "MAIL FROM"
         try:
-            await client.mail(sender, options=options)
+            await client.mail(sender, options=options, encoding=encoding)
             step = "RCPT TO"
-            await client.rcpt(recipient)
+            await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             return self._refused(step, exc)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:

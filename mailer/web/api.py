@@ -1,6 +1,7 @@
 """The JSON API for other services: opt-in and opt-out by address, with bearer keys."""
 
 import ipaddress
+import json
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -48,13 +49,21 @@ class OptOutBody(BaseModel):
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
+    too_large = InvalidInput(f"the body is larger than {MAX_BODY} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise InvalidInput(f"the body is larger than {MAX_BODY} bytes")
+        raise too_large
     if request.content_type != "application/json":
         raise InvalidInput("the body must be JSON (Content-Type: application/json)")
     try:
-        data: Any = await request.json()
-    except ValueError:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # chunked, past the app's client_max_size
+        raise too_large from None
+    if len(raw) > MAX_BODY:  # a chunked body has no Content-Length to check up front
+        raise too_large
+    try:
+        # JSON is UTF-8 (RFC 8259): a charset parameter is ignored, not looked up.
+        data: Any = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
         raise InvalidInput("the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidInput("the body must be a JSON object")
