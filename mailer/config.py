@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailer.errors import ConfigError
 
@@ -80,6 +88,15 @@ class Settings(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @model_validator(mode="after")
+    def _no_silent_dkim(self) -> "Settings":
+        if self.dkim_domain or self.dkim_selector or self.dkim_key_file:
+            raise ValueError(
+                "DKIM signing is not available in this version; unset MAILER_DKIM_* "
+                "or sign at your relay"
+            )
+        return self
+
     @property
     def uses_capture(self) -> bool:
         """True when no relay is configured and mail goes to the embedded capture server."""
@@ -135,8 +152,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        name = _env_name(field) if field in Settings.model_fields else field
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {field!r} in a config file") from None
+        if field not in Settings.model_fields:  # a rule across settings, not one value
+            raise ConfigError(f"settings: {first['msg'].removeprefix('Value error, ')}") from None
         shown = "" if field in SECRET_FIELDS else f" (got {str(first['input'])[:60]!r})"
-        raise ConfigError(f"setting {name}: {first['msg']}{shown}{more}") from None
+        raise ConfigError(f"setting {_env_name(field)}: {first['msg']}{shown}{more}") from None
     except ValueError as exc:
         raise ConfigError(f"bad setting: {exc}") from None

@@ -76,3 +76,9 @@ def test_bad_config_files(tmp_path: Path) -> None:
     unknown.write_text("htpp_port = 1\n")
     with pytest.raises(ConfigError, match="htpp_port"):
         load_settings(environ={"MAILER_CONFIG": str(unknown)})
+
+
+def test_dkim_settings_are_refused_until_signing_exists() -> None:
+    """Setting MAILER_DKIM_* is an error rather than silently sending unsigned mail."""
+    with pytest.raises(ConfigError, match="DKIM signing is not available"):
+        load_settings(environ={"MAILER_DKIM_DOMAIN": "example.org"})

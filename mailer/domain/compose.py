@@ -63,9 +63,17 @@ def compose(envelope: Envelope, rendered: Rendered) -> bytes:
     msg["List-Id"] = envelope.list_id
     msg["List-Unsubscribe"] = f"<{envelope.unsubscribe_url}>"
     msg["List-Unsubscribe-Post"] = ONE_CLICK
-    msg.set_content(rendered.text, subtype="plain", cte="quoted-printable")
-    msg.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
+    msg.set_content(rendered.text, subtype="plain", cte=transfer_encoding(rendered.text))
+    msg.add_alternative(rendered.html, subtype="html", cte=transfer_encoding(rendered.html))
     return msg.as_bytes(policy=_UTF8_POLICY if envelope.smtputf8 else _ASCII_POLICY)
+
+
+def transfer_encoding(body: str) -> str:
+    """``7bit`` when the body is ASCII with lines within RFC 5322's limit (links stay whole and
+    readable in the raw message), else ``quoted-printable``."""
+    if body.isascii() and all(len(line) <= MAX_LINE for line in body.splitlines()):
+        return "7bit"
+    return "quoted-printable"
 
 
 def list_id_header(name: str, slug: str, domain: str) -> str:

@@ -31,7 +31,7 @@ def _write_private(path: Path, content: str) -> None:
 
 async def initialise(settings: Settings, db: Database) -> InitReport:
     """Create what a new installation needs; safe to run again (nothing is replaced)."""
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    settings.var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     created = False
     if not settings.secret_keys and not settings.secret_keys_file.exists():
         _write_private(settings.secret_keys_file, secrets.token_urlsafe(32) + "\n")

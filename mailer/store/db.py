@@ -80,7 +80,8 @@ class SqliteDatabase(Database):
     def _connection(self) -> Connection:
         conn: Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.touch(mode=0o600)  # personal data: owner only, before SQLite creates it
             conn = self._local.conn = self._engine.connect()
         return conn
 
