@@ -30,6 +30,10 @@ P = ParamSpec("P")
 BUSY_TIMEOUT_MS = 10_000
 
 
+class DatabaseClosed(RuntimeError):
+    """A transaction was attempted after ``close()``."""
+
+
 class Database:
     """Runs store functions as transactions. ``write`` takes the write lock up front."""
 
@@ -76,6 +80,7 @@ class SqliteDatabase(Database):
         self._engine = _sqlite_engine(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailer-sqlite")
         self._local = threading.local()
+        self._closed = False
 
     def _connection(self) -> Connection:
         conn: Connection | None = getattr(self._local, "conn", None)
@@ -92,6 +97,8 @@ class SqliteDatabase(Database):
             return fn(conn, *args)
 
     async def _submit(self, job: Callable[[], T]) -> T:
+        if self._closed:
+            raise DatabaseClosed("the database is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, job)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -119,6 +126,11 @@ class SqliteDatabase(Database):
         await self._submit(job)
 
     async def close(self) -> None:
+        """Close the connection and stop the thread; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+
         def job() -> None:
             conn: Connection | None = getattr(self._local, "conn", None)
             if conn is not None:
@@ -126,7 +138,7 @@ class SqliteDatabase(Database):
                 self._local.conn = None
             self._engine.dispose()
 
-        await self._submit(job)
+        await asyncio.get_running_loop().run_in_executor(self._executor, job)
         self._executor.shutdown(wait=True)
 
 
