@@ -25,7 +25,9 @@ class Captured:
 
     @property
     def message(self) -> EmailMessage:
-        parsed = email.message_from_bytes(self.raw, policy=email.policy.default)
+        """The parsed message. Parsed from text so SMTPUTF8 (UTF-8) headers read back intact."""
+        text = self.raw.decode("utf-8", errors="surrogateescape")
+        parsed = email.message_from_string(text, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
         return parsed
 
@@ -128,9 +130,11 @@ def snapshot(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def query(db_path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement through a separate sqlite3 connection; a write is committed."""
     conn = sqlite3.connect(db_path)
     try:
-        return conn.execute(sql, params).fetchall()
+        with conn:
+            return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 

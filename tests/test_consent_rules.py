@@ -82,6 +82,11 @@ def test_an_unsubscribe_never_reopens_a_blocked_address() -> None:
             assert next_suppression(current, new) is new
     assert next_suppression(None, SuppressionReason.UNSUBSCRIBED) is SuppressionReason.UNSUBSCRIBED
     assert next_suppression(SuppressionReason.MANUAL, SuppressionReason.MANUAL) is None
+    assert next_suppression(SuppressionReason.ERASED, SuppressionReason.UNSUBSCRIBED) is None
+    assert (
+        next_suppression(SuppressionReason.UNSUBSCRIBED, SuppressionReason.ERASED)
+        is SuppressionReason.ERASED
+    )
 
 
 def test_token_bucket() -> None:

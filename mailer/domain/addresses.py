@@ -10,6 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 from mailer.errors import InvalidAddress
 
 MAX_INPUT_LENGTH = 320
+LOCAL_PART_MAX_OCTETS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,13 @@ def parse_address(raw: str) -> Address:
         )
     except EmailNotValidError as exc:
         raise InvalidAddress(str(exc)) from None
+    # email-validator counts the local part in characters; RFC 5321/6531 limit it in octets.
+    octets = len(result.local_part.encode("utf-8"))
+    if octets > LOCAL_PART_MAX_OCTETS:
+        raise InvalidAddress(
+            f"The email address is too long before the @-sign "
+            f"({octets - LOCAL_PART_MAX_OCTETS} bytes too many in UTF-8)."
+        )
     local = unicodedata.normalize("NFC", result.local_part).casefold()
     return Address(
         email=result.normalized,

@@ -86,8 +86,12 @@ def next_suppression(current: str | None, new: SuppressionReason) -> Suppression
 
     A reason the person can lift themselves (unsubscribed, erased) never replaces one they
     cannot (bounced, complained, manual): an unsubscribe must not reopen a bounced address.
+    An unsubscribe never replaces ``erased`` either: both block all mail, and an old link
+    clicked after erasure must not start a new record about a person who asked to be forgotten.
     """
     if current == new:
+        return None
+    if current == SuppressionReason.ERASED and new == SuppressionReason.UNSUBSCRIBED:
         return None
     if current is not None and current not in REQUEST_LIFTABLE and new in REQUEST_LIFTABLE:
         return None

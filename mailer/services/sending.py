@@ -5,6 +5,7 @@ is no other way out. The SMTP connection is taken *before* the claim, so nothing
 between the consent check and the hand-off.
 """
 
+import logging
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +22,8 @@ from mailer.store import outbox
 from mailer.store.db import Database
 from mailer.store.outbox import Claimed
 from mailer.transport.outcomes import PermFail, Sent, TempFail, Unknown
+
+log = logging.getLogger("mailer.sending")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,7 @@ class Sender:
             unsubscribe_url=unsubscribe_url,
             message_id=f"<{message.outbox_id}.{cfg.instance_id}@{domain}>",
             date=self._clock.now(),
-            smtputf8=not message.email.isascii(),
+            smtputf8=not (message.email.isascii() and sender.isascii()),
         )
         return compose(envelope, rendered), envelope.smtputf8
 
@@ -105,8 +108,17 @@ class Sender:
         except MissingUnsubscribe as exc:
             await self._finish(message, OutboxStatus.FAILED, f"not sent: {exc.message}")
             return
+        except Exception as exc:  # a bug or a broken template: nothing has left the machine
+            log.exception("outbox.build_failed outbox_id=%d", message.outbox_id)
+            reason = f"not sent: the message could not be built ({type(exc).__name__})"
+            await self._finish(message, OutboxStatus.FAILED, reason)
+            return
         sender = message.list_from or self._config.from_addr
-        outcome = await conn.send(sender, message.email, data, smtputf8)
+        try:
+            outcome = await conn.send(sender, message.email, data, smtputf8)
+        except Exception as exc:  # transports return outcomes; this is a bug mid-hand-off
+            log.exception("outbox.send_raised outbox_id=%d", message.outbox_id)
+            outcome = Unknown(f"the hand-off raised {type(exc).__name__}; may have been delivered")
         match outcome:
             case Sent():
                 self._metrics.handoff.observe(self._clock.monotonic() - checked)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from mailer.store.tables import api_keys as t
 
@@ -28,10 +28,11 @@ def create(conn: Connection, *, name: str, prefix: str, key_hash: str, now: date
     conn.execute(insert(t).values(name=name, prefix=prefix, key_hash=key_hash, created_at=now))
 
 
+_ACTIVE = select(*_COLS).where(t.c.key_hash == bindparam("h"), t.c.revoked_at.is_(None))
+
+
 def active_by_hash(conn: Connection, key_hash: str) -> ApiKeyRow | None:
-    r = conn.execute(
-        select(*_COLS).where(t.c.key_hash == key_hash, t.c.revoked_at.is_(None))
-    ).first()
+    r = conn.execute(_ACTIVE, {"h": key_hash}).first()
     return None if r is None else ApiKeyRow(*r)
 
 

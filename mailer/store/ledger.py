@@ -18,6 +18,10 @@ class LedgerRecord:
     user_agent: str | None
 
 
+_HEAD = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
+_INSERT = insert(t)
+
+
 def append(
     conn: Connection,
     *,
@@ -34,7 +38,7 @@ def append(
     Callers run inside a write transaction, so the head cannot move underneath; the primary
     key on ``seq`` refuses a fork should two writers ever race.
     """
-    head = conn.execute(select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+    head = conn.execute(_HEAD).first()
     seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
     entry = Entry(
         seq=seq,
@@ -50,22 +54,23 @@ def append(
         prev_hash=prev,
     )
     conn.execute(
-        insert(t).values(
-            seq=entry.seq,
-            at=entry.at,
-            event=entry.event,
-            subject_hash=entry.subject_hash,
-            list_uid=entry.list_uid,
-            scope=entry.scope,
-            channel=entry.channel,
-            actor=entry.actor,
-            ip=evidence.ip,
-            user_agent=evidence.user_agent,
-            policy_version=entry.policy_version,
-            evidence_digest=entry.evidence_digest,
-            prev_hash=entry.prev_hash,
-            hash=entry_hash(entry),
-        )
+        _INSERT,
+        {
+            "seq": entry.seq,
+            "at": entry.at,
+            "event": entry.event,
+            "subject_hash": entry.subject_hash,
+            "list_uid": entry.list_uid,
+            "scope": entry.scope,
+            "channel": entry.channel,
+            "actor": entry.actor,
+            "ip": evidence.ip,
+            "user_agent": evidence.user_agent,
+            "policy_version": entry.policy_version,
+            "evidence_digest": entry.evidence_digest,
+            "prev_hash": entry.prev_hash,
+            "hash": entry_hash(entry),
+        },
     )
     return seq
 

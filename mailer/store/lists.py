@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, RowMapping, func, insert, select
+from sqlalchemy import Connection, RowMapping, bindparam, func, insert, select
 
 from mailer.statuses import SubscriptionStatus
 from mailer.store.tables import lists, subscriptions
@@ -61,13 +61,17 @@ def create(
     return ListRow(int(new_id[0]), uid, slug, name, description, from_addr)
 
 
+_BY_SLUG = select(*_COLS).where(lists.c.slug == bindparam("slug"))
+_BY_UID = select(*_COLS).where(lists.c.uid == bindparam("uid"))
+
+
 def by_slug(conn: Connection, slug: str) -> ListRow | None:
-    m = conn.execute(select(*_COLS).where(lists.c.slug == slug)).mappings().first()
+    m = conn.execute(_BY_SLUG, {"slug": slug}).mappings().first()
     return None if m is None else _row(m)
 
 
 def by_uid(conn: Connection, uid: str) -> ListRow | None:
-    m = conn.execute(select(*_COLS).where(lists.c.uid == uid)).mappings().first()
+    m = conn.execute(_BY_UID, {"uid": uid}).mappings().first()
     return None if m is None else _row(m)
 
 

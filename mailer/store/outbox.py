@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailer.domain.consent import RequestHistory, may_send
 from mailer.statuses import MessageKind, OutboxStatus
@@ -33,22 +33,33 @@ class Claimed:
     queued_at: datetime
 
 
+_INSERT = insert(outbox)
+_RECIPIENT = (
+    outbox.c.subscriber_id == bindparam("sid"),
+    outbox.c.kind == MessageKind.CONFIRM.value,
+)
+_LAST_REQUEST = select(func.max(outbox.c.created_at)).where(
+    *_RECIPIENT, outbox.c.list_id == bindparam("lid")
+)
+_REQUESTS_SINCE = select(func.count()).where(*_RECIPIENT, outbox.c.created_at > bindparam("since"))
+
+
 def enqueue(
     conn: Connection, *, kind: MessageKind, list_id: int | None, subscriber_id: int, now: datetime
 ) -> int:
-    stamp = now
-    key = conn.execute(
-        insert(outbox).values(
-            kind=kind.value,
-            list_id=list_id,
-            subscriber_id=subscriber_id,
-            status=OutboxStatus.QUEUED.value,
-            attempts=0,
-            next_attempt_at=stamp,
-            created_at=stamp,
-            updated_at=stamp,
-        )
-    ).inserted_primary_key
+    values = {
+        "kind": kind.value,
+        "campaign_id": None,
+        "list_id": list_id,
+        "subscriber_id": subscriber_id,
+        "status": OutboxStatus.QUEUED.value,
+        "reason": None,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    key = conn.execute(_INSERT, values).inserted_primary_key
     assert key is not None
     return int(key[0])
 
@@ -57,17 +68,10 @@ def confirm_history(
     conn: Connection, subscriber_id: int, list_id: int, now: datetime
 ) -> RequestHistory:
     """When this person was last sent a confirmation request for this list; how many today."""
-    base = and_(outbox.c.subscriber_id == subscriber_id, outbox.c.kind == MessageKind.CONFIRM.value)
-    last = conn.execute(
-        select(func.max(outbox.c.created_at)).where(base, outbox.c.list_id == list_id)
-    ).scalar_one()
-    count = conn.execute(
-        select(func.count()).where(base, outbox.c.created_at > now - timedelta(days=1))
-    ).scalar_one()
-    return RequestHistory(
-        last_for_list=last,
-        count_last_day=int(count),
-    )
+    last = conn.execute(_LAST_REQUEST, {"sid": subscriber_id, "lid": list_id}).scalar_one()
+    day_ago = now - timedelta(days=1)
+    count = conn.execute(_REQUESTS_SINCE, {"sid": subscriber_id, "since": day_ago}).scalar_one()
+    return RequestHistory(last_for_list=last, count_last_day=int(count))
 
 
 _CLAIM_COLS = (
@@ -87,6 +91,36 @@ _CLAIM_COLS = (
 )
 
 
+_DUE = (
+    select(*_CLAIM_COLS)
+    .select_from(outbox)
+    .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
+    .outerjoin(lists, lists.c.id == outbox.c.list_id)
+    .outerjoin(
+        subscriptions,
+        and_(
+            subscriptions.c.subscriber_id == outbox.c.subscriber_id,
+            subscriptions.c.list_id == outbox.c.list_id,
+        ),
+    )
+    .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+    .where(
+        outbox.c.status == OutboxStatus.QUEUED.value, outbox.c.next_attempt_at <= bindparam("now")
+    )
+    .order_by(outbox.c.next_attempt_at, outbox.c.id)
+    .limit(bindparam("limit"))
+)
+_ONE_ROW = outbox.c.id == bindparam("b_id")
+_MOVE_QUEUED = update(outbox).where(_ONE_ROW, outbox.c.status == OutboxStatus.QUEUED.value)
+_SENDING = (_ONE_ROW, outbox.c.status == OutboxStatus.SENDING.value)
+_FINISH = update(outbox).where(*_SENDING).values(attempts=outbox.c.attempts + 1)
+_RETRY = (
+    update(outbox)
+    .where(*_SENDING)
+    .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts + 1)
+)
+
+
 def claim(conn: Connection, now: datetime, limit: int = 1) -> list[Claimed]:
     """Claim up to ``limit`` due messages, each only if its recipient's consent holds *now*.
 
@@ -94,40 +128,16 @@ def claim(conn: Connection, now: datetime, limit: int = 1) -> list[Claimed]:
     the reason; a row whose check passes becomes ``sending``. No network I/O happens here, and
     the caller hands each claimed message to SMTP right after this commits.
     """
-    q = (
-        select(*_CLAIM_COLS)
-        .select_from(outbox)
-        .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
-        .outerjoin(lists, lists.c.id == outbox.c.list_id)
-        .outerjoin(
-            subscriptions,
-            and_(
-                subscriptions.c.subscriber_id == outbox.c.subscriber_id,
-                subscriptions.c.list_id == outbox.c.list_id,
-            ),
-        )
-        .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
-        .where(
-            outbox.c.status == OutboxStatus.QUEUED.value,
-            outbox.c.next_attempt_at <= now,
-        )
-        .order_by(outbox.c.next_attempt_at, outbox.c.id)
-        .limit(limit)
-    )
-    if conn.dialect.name == "postgresql":
-        q = q.with_for_update(of=outbox, skip_locked=True)
-    stamp = now
+    q = _DUE.with_for_update(of=outbox, skip_locked=True) if _locks(conn) else _DUE
     claimed: list[Claimed] = []
-    for r in conn.execute(q).all():
+    for r in conn.execute(q, {"now": now, "limit": limit}).all():
         kind = MessageKind(r[1])
         skip = may_send(kind, r[10], r[11])
         status = OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED
+        reason = None if skip is None else skip.value
         done = conn.execute(
-            update(outbox)
-            .where(outbox.c.id == r[0], outbox.c.status == OutboxStatus.QUEUED.value)
-            .values(
-                status=status.value, reason=None if skip is None else skip.value, updated_at=stamp
-            )
+            _MOVE_QUEUED,
+            {"b_id": r[0], "status": status.value, "reason": reason, "updated_at": now},
         )
         if done.rowcount == 1 and skip is None:
             claimed.append(
@@ -136,37 +146,22 @@ def claim(conn: Connection, now: datetime, limit: int = 1) -> list[Claimed]:
     return claimed
 
 
+def _locks(conn: Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
 def finish(
     conn: Connection, outbox_id: int, status: OutboxStatus, reason: str | None, now: datetime
 ) -> bool:
     """Record a final outcome, only over ``sending`` (compare-and-set)."""
-    result = conn.execute(
-        update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.status == OutboxStatus.SENDING.value)
-        .values(
-            status=status.value,
-            reason=reason,
-            attempts=outbox.c.attempts + 1,
-            updated_at=now,
-        )
-    )
-    return result.rowcount == 1
+    values = {"b_id": outbox_id, "status": status.value, "reason": reason, "updated_at": now}
+    return conn.execute(_FINISH, values).rowcount == 1
 
 
 def retry_later(conn: Connection, outbox_id: int, reason: str, at: datetime, now: datetime) -> bool:
     """Put a temporarily failed message back in the queue for ``at`` (compare-and-set)."""
-    result = conn.execute(
-        update(outbox)
-        .where(outbox.c.id == outbox_id, outbox.c.status == OutboxStatus.SENDING.value)
-        .values(
-            status=OutboxStatus.QUEUED.value,
-            reason=reason,
-            attempts=outbox.c.attempts + 1,
-            next_attempt_at=at,
-            updated_at=now,
-        )
-    )
-    return result.rowcount == 1
+    values = {"b_id": outbox_id, "reason": reason, "next_attempt_at": at, "updated_at": now}
+    return conn.execute(_RETRY, values).rowcount == 1
 
 
 def fail_interrupted(conn: Connection, now: datetime) -> int:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy import delete as sa_delete
 
 from mailer.statuses import SubscriptionStatus
@@ -40,11 +40,24 @@ _COLS = (
 )
 
 
+_BY_HASH = select(*_COLS).where(subscribers.c.email_hash == bindparam("h"))
+_INSERT_SUBSCRIBER = insert(subscribers)
+_FILL_NAME = update(subscribers).where(subscribers.c.id == bindparam("b_id"))
+_STATUS = select(subscriptions.c.status).where(
+    subscriptions.c.subscriber_id == bindparam("sid"), subscriptions.c.list_id == bindparam("lid")
+)
+_INSERT_SUBSCRIPTION = insert(subscriptions)
+_ONE_SUBSCRIPTION = (
+    subscriptions.c.subscriber_id == bindparam("b_sid"),
+    subscriptions.c.list_id == bindparam("b_lid"),
+)
+_SET_STATUS = update(subscriptions).where(*_ONE_SUBSCRIPTION)
+"""Statements are built once: building them per call costs more than SQLite running them."""
+
+
 def by_hash(conn: Connection, email_hash: str) -> SubscriberRow | None:
-    row = conn.execute(select(*_COLS).where(subscribers.c.email_hash == email_hash)).first()
-    if row is None:
-        return None
-    return SubscriberRow(*row)
+    row = conn.execute(_BY_HASH, {"h": email_hash}).first()
+    return None if row is None else SubscriberRow(*row)
 
 
 def ensure(
@@ -54,28 +67,19 @@ def ensure(
 
     A name is only ever filled in, never overwritten by a later request.
     """
-    found = conn.execute(
-        select(subscribers.c.id, subscribers.c.name).where(subscribers.c.email_hash == email_hash)
-    ).first()
+    found = by_hash(conn, email_hash)
     if found is None:
-        key = conn.execute(
-            insert(subscribers).values(
-                email=email, email_hash=email_hash, name=name, created_at=now
-            )
-        ).inserted_primary_key
+        values = {"email": email, "email_hash": email_hash, "name": name, "created_at": now}
+        key = conn.execute(_INSERT_SUBSCRIBER, values).inserted_primary_key
         assert key is not None
         return int(key[0])
-    if name and not found[1]:
-        conn.execute(update(subscribers).where(subscribers.c.id == found[0]).values(name=name))
-    return int(found[0])
+    if name and not found.name:
+        conn.execute(_FILL_NAME, {"b_id": found.id, "name": name})
+    return found.id
 
 
 def subscription_status(conn: Connection, subscriber_id: int, list_id: int) -> str | None:
-    return conn.execute(
-        select(subscriptions.c.status).where(
-            subscriptions.c.subscriber_id == subscriber_id, subscriptions.c.list_id == list_id
-        )
-    ).scalar_one_or_none()
+    return conn.execute(_STATUS, {"sid": subscriber_id, "lid": list_id}).scalar_one_or_none()
 
 
 def set_status(
@@ -83,25 +87,15 @@ def set_status(
 ) -> str | None:
     """Set (creating if needed) a subscription's status; return the status it had before."""
     before = subscription_status(conn, subscriber_id, list_id)
-    stamp = now
-    values: dict[str, object] = {"status": status.value, "updated_at": stamp}
+    values: dict[str, object] = {"status": status.value, "updated_at": now}
     if status is SubscriptionStatus.CONFIRMED:
-        values["confirmed_at"] = stamp
+        values["confirmed_at"] = now
     if before is None:
-        conn.execute(
-            insert(subscriptions).values(
-                subscriber_id=subscriber_id, list_id=list_id, created_at=stamp, **values
-            )
-        )
+        values.update(subscriber_id=subscriber_id, list_id=list_id, created_at=now)
+        values.setdefault("confirmed_at", None)
+        conn.execute(_INSERT_SUBSCRIPTION, values)
     elif before != status:
-        conn.execute(
-            update(subscriptions)
-            .where(
-                subscriptions.c.subscriber_id == subscriber_id,
-                subscriptions.c.list_id == list_id,
-            )
-            .values(**values)
-        )
+        conn.execute(_SET_STATUS, {"b_sid": subscriber_id, "b_lid": list_id, **values})
     return before
 
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from mailer.domain.consent import next_suppression
 from mailer.statuses import SuppressionReason
@@ -19,10 +19,13 @@ class SuppressionRow:
     """The address, while a subscriber row still holds it (never after erasure)."""
 
 
+_REASON = select(suppressions.c.reason).where(suppressions.c.email_hash == bindparam("h"))
+_INSERT = insert(suppressions)
+_UPDATE = update(suppressions).where(suppressions.c.email_hash == bindparam("b_h"))
+
+
 def reason_for(conn: Connection, email_hash: str) -> str | None:
-    return conn.execute(
-        select(suppressions.c.reason).where(suppressions.c.email_hash == email_hash)
-    ).scalar_one_or_none()
+    return conn.execute(_REASON, {"h": email_hash}).scalar_one_or_none()
 
 
 def put(conn: Connection, email_hash: str, reason: SuppressionReason, now: datetime) -> bool:

@@ -28,7 +28,7 @@ MAX_BODY = 16 * 1024
 class OptInBody(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    email: str = Field(max_length=1000)
+    email: str  # no length cap here: an over-long address is an invalid address (422)
     list: str = Field(min_length=1, max_length=64)
     name: str | None = Field(None, max_length=200)
     source: str | None = Field(None, max_length=60)
@@ -44,7 +44,7 @@ class OptInBody(BaseModel):
 class OptOutBody(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    email: str = Field(max_length=1000)
+    email: str  # no length cap here: an over-long address is an invalid address (422)
     list: str | None = Field(None, min_length=1, max_length=64)
 
 

@@ -42,7 +42,8 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-_TOKEN_PATH = re.compile(r"^/(confirm|unsubscribe)/([^/]{0,6})[^/]*")
+_TOKEN_PATH = re.compile(r"/(confirm|unsubscribe)/([^/]{0,6})[^/]*", re.IGNORECASE)
+"""Anywhere in the path: near misses (``//unsubscribe/…``, other case) carry whole tokens too."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -45,7 +45,17 @@ _COMMON_ERRORS = {
     "401": _error("Missing, unknown or revoked API key."),
     "404": _error("No list with that slug."),
     "422": _error("The address is not valid; the message says why."),
-    "429": _error("Too many requests for this key; see the Retry-After header."),
+    "429": {
+        **_error(
+            "Too many requests for this key (the rate is per key: a burst, then a steady rate)."
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until the key may send again.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    },
 }
 
 SPEC: dict[str, Any] = {
@@ -67,11 +77,15 @@ SPEC: dict[str, Any] = {
                 "required": ["email", "list"],
                 "additionalProperties": False,
                 "properties": {
-                    "email": {"type": "string", "maxLength": 1000},
+                    "email": {"type": "string"},
                     "list": {"type": "string", "minLength": 1, "maxLength": 64},
                     "name": {"type": ["string", "null"], "maxLength": 200},
                     "source": {"type": ["string", "null"], "maxLength": 60},
-                    "ip": {"type": ["string", "null"], "description": "The person's IP address"},
+                    "ip": {
+                        "type": ["string", "null"],
+                        "description": "The person's IP address (IPv4 or IPv6), kept as evidence",
+                        "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}, {"type": "null"}],
+                    },
                     "user_agent": {"type": ["string", "null"], "maxLength": 512},
                 },
             },
@@ -80,10 +94,10 @@ SPEC: dict[str, Any] = {
                 "required": ["email"],
                 "additionalProperties": False,
                 "properties": {
-                    "email": {"type": "string", "maxLength": 1000},
+                    "email": {"type": "string"},
                     "list": {
                         "type": ["string", "null"],
-                        "description": "Omit to unsubscribe from every list (global).",
+                        "description": "Omit it, or send null, to unsubscribe from every list.",
                     },
                 },
             },
