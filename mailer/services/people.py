@@ -102,14 +102,7 @@ class People:
             changed = suppression.put(conn, subject, SuppressionReason.MANUAL, now)
             if changed:
                 ledger.append(
-                    conn,
-                    event="suppressed",
-                    subject_hash=subject,
-                    list_uid=None,
-                    scope="global",
-                    evidence=evidence,
-                    policy_version=None,
-                    now=now,
+                    conn, event="suppressed", subject_hash=subject, evidence=evidence, now=now
                 )
             return changed
 
@@ -135,14 +128,7 @@ class People:
                 )
             suppression.lift(conn, subject)
             ledger.append(
-                conn,
-                event="suppression-lifted",
-                subject_hash=subject,
-                list_uid=None,
-                scope="global",
-                evidence=evidence,
-                policy_version=None,
-                now=now,
+                conn, event="suppression-lifted", subject_hash=subject, evidence=evidence, now=now
             )
             return reason
 
@@ -164,16 +150,7 @@ class People:
                 people.delete(conn, found.id)
             ledger.blank_evidence(conn, subject)
             suppression.put(conn, subject, SuppressionReason.ERASED, now)
-            ledger.append(
-                conn,
-                event="erased",
-                subject_hash=subject,
-                list_uid=None,
-                scope="global",
-                evidence=evidence,
-                policy_version=None,
-                now=now,
-            )
+            ledger.append(conn, event="erased", subject_hash=subject, evidence=evidence, now=now)
 
         await self._db.write(tx)
         await self._db.compact_erased()

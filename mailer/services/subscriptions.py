@@ -106,11 +106,9 @@ class Subscriptions:
                 conn,
                 event="opt-in-requested",
                 subject_hash=subject,
-                list_uid=target.uid,
-                scope="list",
                 evidence=evidence,
-                policy_version=None,
                 now=now,
+                list_uid=target.uid,
             )
             return outcome
 
@@ -148,7 +146,14 @@ class Subscriptions:
                 return target.name, False
             if reason is not None:
                 suppression.lift(conn, claim.subject_hash)
-            self._record(conn, "confirmed", claim.subject_hash, target.uid, "list", evidence)
+            ledger.append(
+                conn,
+                event="confirmed",
+                subject_hash=claim.subject_hash,
+                evidence=evidence,
+                now=now,
+                list_uid=target.uid,
+            )
             return target.name, True
 
         list_name, changed = await self._db.write(tx)
@@ -199,7 +204,6 @@ class Subscriptions:
                 changed |= suppression.put(
                     conn, claim.subject_hash, SuppressionReason.UNSUBSCRIBED, now
                 )
-                scope, uid = "global", None
             else:
                 changed = person is not None and people.subscription_status(
                     conn, person.id, target.id
@@ -208,9 +212,15 @@ class Subscriptions:
                     people.set_status(
                         conn, person.id, target.id, SubscriptionStatus.UNSUBSCRIBED, now
                     )
-                scope, uid = "list", target.uid
             if changed:
-                self._record(conn, "unsubscribed", claim.subject_hash, uid, scope, evidence)
+                ledger.append(
+                    conn,
+                    event="unsubscribed",
+                    subject_hash=claim.subject_hash,
+                    evidence=evidence,
+                    now=now,
+                    list_uid=None if target is None else target.uid,
+                )
             return Unsubscribed(None if target is None else target.name, target is None), changed
 
         result, changed = await self._db.write(tx)
@@ -218,26 +228,6 @@ class Subscriptions:
             scope = "global" if result.is_global else "list"
             self._metrics.unsubscribes.labels(evidence.channel, scope).inc()
         return result
-
-    def _record(
-        self,
-        conn: Connection,
-        event: str,
-        subject: str,
-        list_uid: str | None,
-        scope: str,
-        evidence: Evidence,
-    ) -> None:
-        ledger.append(
-            conn,
-            event=event,
-            subject_hash=subject,
-            list_uid=list_uid,
-            scope=scope,
-            evidence=evidence,
-            policy_version=None,
-            now=self._clock.now(),
-        )
 
 
 def _list_or_404(conn: Connection, slug: str) -> ListRow:

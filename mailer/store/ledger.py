@@ -27,16 +27,16 @@ def append(
     *,
     event: str,
     subject_hash: str,
-    list_uid: str | None,
-    scope: str,
     evidence: Evidence,
-    policy_version: str | None,
     now: datetime,
+    list_uid: str | None = None,
 ) -> int:
     """Append one entry linked to the current head; return its sequence number.
 
-    Callers run inside a write transaction, so the head cannot move underneath; the primary
-    key on ``seq`` refuses a fork should two writers ever race.
+    The scope is the list named by ``list_uid``, or ``global`` without one. Callers run
+    inside a write transaction, so the head cannot move underneath; the primary key on
+    ``seq`` refuses a fork should two writers ever race. No privacy-policy versions are
+    recorded yet, so ``policy_version`` stays empty.
     """
     head = conn.execute(_HEAD).first()
     seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
@@ -46,10 +46,10 @@ def append(
         event=event,
         subject_hash=subject_hash,
         list_uid=list_uid,
-        scope=scope,
+        scope="global" if list_uid is None else "list",
         channel=evidence.channel,
         actor=evidence.actor,
-        policy_version=policy_version,
+        policy_version=None,
         evidence_digest=evidence_digest(evidence.ip, evidence.user_agent),
         prev_hash=prev,
     )
