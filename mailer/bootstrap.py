@@ -9,11 +9,14 @@ from mailer.config import Settings
 from mailer.domain.tokens import TokenCodec
 from mailer.render import Renderer
 from mailer.services.apikeys import ApiKeys
+from mailer.services.campaigns import Campaigns
 from mailer.services.lists import Lists
+from mailer.services.messages import MessageConfig, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.people import People
 from mailer.services.ports import Clock, SystemClock
-from mailer.services.sending import Sender, SenderConfig
+from mailer.services.scheduling import Scheduler
+from mailer.services.sending import Sender, SendPolicy
 from mailer.services.setup import instance_secrets, secret_keys
 from mailer.services.subscriptions import Subscriptions
 from mailer.store.db import Database, open_database
@@ -35,6 +38,7 @@ class Mailer:
     api_keys: ApiKeys
     consent: Subscriptions
     people: People
+    campaigns: Campaigns
     worker: Worker | None = None
     capture: CaptureServer | None = None
 
@@ -77,10 +81,22 @@ async def open_mailer(
             },
         )
         wake: list[Callable[[], None]] = []
+        reschedule: list[Callable[[], None]] = []
 
         def wake_senders() -> None:
             for hook in wake:
                 hook()
+
+        def campaigns_changed() -> None:
+            for hook in reschedule:
+                hook()
+
+        factory = MessageFactory(
+            renderer,
+            codec,
+            clock,
+            MessageConfig(settings.base_url, settings.from_addr, secrets.instance_id),
+        )
 
         consent = Subscriptions(
             db,
@@ -101,6 +117,9 @@ async def open_mailer(
             api_keys=ApiKeys(db, clock),
             consent=consent,
             people=People(db, clock, consent),
+            campaigns=Campaigns(
+                db, clock, renderer, factory, secrets.hash_key, on_change=campaigns_changed
+            ),
         )
         if sending:
             capture = None
@@ -108,22 +127,20 @@ async def open_mailer(
                 capture = CaptureServer(settings.outbox_dir)
                 await capture.start()
                 stack.push_async_callback(capture.stop)
-            pool = SmtpPool(_relay(settings, capture), size=settings.worker_concurrency)
+            pool = SmtpPool(_relay(settings, capture), size=settings.smtp_connections)
             stack.push_async_callback(pool.close)
-            sender = Sender(
-                db,
-                pool,
-                renderer,
-                codec,
-                clock,
-                metrics,
-                SenderConfig(settings.base_url, settings.from_addr, secrets.instance_id),
+            policy = SendPolicy(
+                give_up_after=timedelta(hours=settings.smtp_give_up_hours),
+                rate_per_second=settings.smtp_rate,
             )
+            sender = Sender(db, pool, factory, clock, metrics, policy)
+            scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
-                sender, metrics, settings.worker_concurrency, settings.worker_poll_seconds
+                sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds
             )
             await worker.start()
             stack.push_async_callback(worker.stop)
             wake.append(worker.wake)
+            reschedule.append(worker.reschedule)
             mailer.worker, mailer.capture = worker, capture
         yield mailer

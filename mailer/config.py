@@ -65,7 +65,10 @@ class Settings(BaseModel):
     confirm_resend_minutes: int = Field(10, ge=0)
     var_dir: Path = Path("var")
     templates_dir: Path = PACKAGE_TEMPLATES
-    worker_concurrency: int = Field(4, ge=1, le=256)
+    smtp_connections: int = Field(16, ge=1, le=256)
+    smtp_rate: float = Field(0.0, ge=0)
+    """Messages per second per process; 0 is as fast as the relay accepts."""
+    smtp_give_up_hours: float = Field(24.0, gt=0)
     worker_poll_seconds: float = Field(1.0, gt=0)
 
     @field_validator("secret_keys", mode="before")

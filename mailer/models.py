@@ -6,8 +6,17 @@ types to migrate); ``mailer.statuses`` holds the only values code writes.
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, String, UniqueConstraint
+from sqlalchemy import Column, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Every constraint gets a known name, so later migrations can alter it (SQLite included)."""
 
 
 class MailingList(SQLModel, table=True):
@@ -34,7 +43,10 @@ class Subscriber(SQLModel, table=True):
 
 class Subscription(SQLModel, table=True):
     __tablename__ = "subscription"
-    __table_args__ = (UniqueConstraint("subscriber_id", "list_id"),)
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "list_id"),
+        Index("ix_subscription_audience", "list_id", "status", "subscriber_id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     subscriber_id: int = Field(foreign_key="subscriber.id", ondelete="CASCADE", index=True)
@@ -89,19 +101,41 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = None
 
 
+class Campaign(SQLModel, table=True):
+    """A newsletter to one list. The Markdown body is data, never a template."""
+
+    __tablename__ = "campaign"
+
+    id: int | None = Field(default=None, primary_key=True)
+    list_id: int = Field(foreign_key="mailing_list.id", ondelete="CASCADE", index=True)
+    subject: str = Field(max_length=998)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    template: str = Field(default="campaign", max_length=64)
+    status: str = Field(max_length=16)
+    scheduled_at: datetime | None = None
+    fanout_cursor: int = 0
+    """The highest subscriber id already fanned out into the outbox."""
+    fanout_done: bool = False
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 class Outbox(SQLModel, table=True):
     """One message to one person: the unit the sender claims, checks, sends and records."""
 
     __tablename__ = "outbox"
     __table_args__ = (
-        UniqueConstraint("campaign_id", "subscriber_id"),
-        Index("ix_outbox_due", "status", "next_attempt_at"),
+        UniqueConstraint("campaign_id", "subscriber_id", "kind", name="uq_outbox_once"),
+        Index("ix_outbox_direct", "status", "kind", "next_attempt_at"),
+        Index("ix_outbox_campaign", "campaign_id", "status", "next_attempt_at"),
         Index("ix_outbox_recipient", "subscriber_id", "kind", "created_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=16)
-    campaign_id: int | None = None
+    campaign_id: int | None = Field(default=None, foreign_key="campaign.id", ondelete="CASCADE")
     list_id: int | None = Field(default=None, foreign_key="mailing_list.id", ondelete="CASCADE")
     subscriber_id: int = Field(foreign_key="subscriber.id", ondelete="CASCADE")
     status: str = Field(max_length=16)

@@ -20,6 +20,7 @@ class SuppressionReason(StrEnum):
 class MessageKind(StrEnum):
     CONFIRM = "confirm"
     CAMPAIGN = "campaign"
+    PREVIEW = "preview"
     ANNOUNCEMENT = "announcement"
 
 
@@ -39,3 +40,12 @@ class Channel(StrEnum):
     CLI = "cli"
     IMPORT = "import"
     BOUNCE = "bounce"
+
+
+class CampaignStatus(StrEnum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SENT = "sent"
+    CANCELLED = "cancelled"

@@ -1,63 +1,101 @@
-"""The runtime loop: N send tasks that claim and hand off messages until told to stop."""
+"""The runtime loop: N send tasks plus the scheduler, until told to stop."""
 
 import asyncio
 import contextlib
 import logging
 
 from mailer.services.metrics import Metrics
+from mailer.services.scheduling import Scheduler
 from mailer.services.sending import Sender
 
 log = logging.getLogger("mailer.worker")
 
 
 class Worker:
-    """Runs ``concurrency`` send tasks. ``wake()`` makes idle tasks look for work at once."""
+    """Runs ``tasks`` send tasks (one SMTP connection each) and the campaign scheduler.
+
+    ``wake()`` makes idle tasks look for work at once (something was just queued here);
+    work queued by another process is found within ``poll_seconds``.
+    """
 
     def __init__(
-        self, sender: Sender, metrics: Metrics, concurrency: int, poll_seconds: float
+        self,
+        sender: Sender,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        tasks: int,
+        poll_seconds: float,
     ) -> None:
         self._sender = sender
+        self._scheduler = scheduler
         self._metrics = metrics
-        self._concurrency = concurrency
+        self._tasks_wanted = tasks
         self._poll = poll_seconds
         self._wake = asyncio.Event()
+        self._tick = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
         self._wake.set()
 
+    def reschedule(self) -> None:
+        """Run the scheduler now (a campaign was started, paused or resumed here)."""
+        self._tick.set()
+        self._wake.set()
+
     async def start(self) -> None:
         interrupted = await self._sender.recover()
         if interrupted:
             log.warning("outbox.interrupted count=%d (reported failed, not resent)", interrupted)
+        self._sender.recorder.start()
+        await self._scheduler.tick()
         self._tasks = [
-            asyncio.create_task(self._loop(), name=f"mailer-send-{i}")
-            for i in range(self._concurrency)
+            asyncio.create_task(self._send_loop(i), name=f"mailer-send-{i}")
+            for i in range(self._tasks_wanted)
         ]
+        self._tasks.append(asyncio.create_task(self._schedule_loop(), name="mailer-scheduler"))
 
     async def stop(self) -> None:
-        """Let each task finish the message in hand, then end."""
+        """Let each task finish the message in hand, write every outcome, then end."""
         self._stopping.set()
         self._wake.set()
+        self._tick.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._sender.recorder.stop()
 
-    async def _loop(self) -> None:
+    async def _send_loop(self, index: int) -> None:
         while not self._stopping.is_set():
+            wait = self._sender.relay_wait()
+            if wait > 0:
+                await self._idle(self._wake, min(wait, self._poll))
+                continue
             try:
                 self._metrics.worker_busy.inc()
                 try:
-                    did = await self._sender.send_next()
+                    did = await self._sender.send_one(index)
                 finally:
                     self._metrics.worker_busy.dec()
             except Exception:
                 log.exception("worker.error")
                 did = False
             if not did:
-                await self._idle()
+                await self._idle(self._wake, self._poll)
 
-    async def _idle(self) -> None:
+    async def _schedule_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                more = await self._scheduler.tick()
+            except Exception:
+                log.exception("scheduler.error")
+                more = False
+            if not more:
+                await self._idle(self._tick, self._poll)
+
+    async def _idle(self, event: asyncio.Event, seconds: float) -> None:
+        if self._stopping.is_set():
+            return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._poll)
-        self._wake.clear()
+            await asyncio.wait_for(event.wait(), seconds)
+        event.clear()

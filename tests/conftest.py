@@ -34,7 +34,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "secret_keys": SECRET,
         "base_url": BASE_URL,
         "worker_poll_seconds": 0.05,
-        "worker_concurrency": 2,
+        "smtp_connections": 2,
     }
     values.update(overrides)
     return load_settings(environ={}, **values)

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.output import JSON_HELP, print_json, print_table, run, say, when
+from mailer.cli.output import AsJson, print_json, print_table, run, say, when
 
 app = typer.Typer(help="API keys for other services.", no_args_is_help=True)
 
@@ -17,7 +17,7 @@ def create(name: Annotated[str, typer.Argument(help="What the key is for.")]) ->
 
 
 @app.command("ls")
-def ls(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def ls(as_json: AsJson = False) -> None:
     """Show the keys (names and prefixes only)."""
     keys = run(lambda m: m.api_keys.all())
     if as_json:

@@ -1,17 +1,15 @@
 """``mailer ledger verify``."""
 
-from typing import Annotated
-
 import typer
 
-from mailer.cli.output import JSON_HELP, fail_line, print_json, run, say
+from mailer.cli.output import AsJson, fail_line, print_json, run, say
 from mailer.services.ledger import verify as verify_chain
 
 app = typer.Typer(help="The consent ledger.", no_args_is_help=True)
 
 
 @app.command("verify")
-def verify(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def verify(as_json: AsJson = False) -> None:
     """Check the hash chain; exit non-zero on the first broken entry."""
     result = run(lambda m: verify_chain(m.db))
     problem = result.problem

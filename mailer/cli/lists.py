@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from mailer.cli.output import JSON_HELP, print_json, print_table, run, say
+from mailer.cli.output import AsJson, print_json, print_table, run, say
 
 app = typer.Typer(help="Mailing lists.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ def create(
 
 
 @app.command("ls")
-def ls(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def ls(as_json: AsJson = False) -> None:
     """Show every list with its subscriber counts."""
     summaries = run(lambda m: m.lists.summaries())
     if as_json:

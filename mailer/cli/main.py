@@ -7,7 +7,7 @@ import traceback
 import typer
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailer.cli import apikeys, ledger, lists, server, subscribers, suppression
+from mailer.cli import apikeys, campaigns, ledger, lists, server, subscribers, suppression
 from mailer.cli.output import fail_line
 from mailer.errors import MailerError
 
@@ -27,6 +27,7 @@ app.add_typer(apikeys.app, name="apikey")
 app.add_typer(subscribers.app, name="subscriber")
 app.add_typer(suppression.app, name="suppression")
 app.add_typer(ledger.app, name="ledger")
+app.add_typer(campaigns.app, name="campaign")
 
 
 def _fail(message: str, code: int = 1) -> int:

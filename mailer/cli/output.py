@@ -6,8 +6,9 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +21,7 @@ T = TypeVar("T")
 console = Console(highlight=False, soft_wrap=True)
 
 JSON_HELP = "Print JSON only."
+AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 
 
 def run(action: Callable[[Mailer], Awaitable[T]]) -> T:

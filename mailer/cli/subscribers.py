@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from mailer.cli.output import (
-    JSON_HELP,
+    AsJson,
     print_json,
     print_table,
     run,
@@ -46,9 +46,7 @@ def add(
 
 
 @app.command("show")
-def show(
-    email: str, as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False
-) -> None:
+def show(email: str, as_json: AsJson = False) -> None:
     """Show one person's subscriptions and suppression."""
     person = run(lambda m: m.people.show(email))
     if as_json:

@@ -1,16 +1,14 @@
 """``mailer suppression ls|add|remove``."""
 
-from typing import Annotated
-
 import typer
 
-from mailer.cli.output import JSON_HELP, print_json, print_table, run, say, staff_evidence, when
+from mailer.cli.output import AsJson, print_json, print_table, run, say, staff_evidence, when
 
 app = typer.Typer(help="The suppression list: addresses that get no mail.", no_args_is_help=True)
 
 
 @app.command("ls")
-def ls(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+def ls(as_json: AsJson = False) -> None:
     """Show suppressions; erased people appear only as their keyed hash."""
     rows = run(lambda m: m.people.suppressions())
     if as_json:

@@ -1,11 +1,9 @@
 """Building the wire form of a message. Refuses any message that cannot be stopped (G3)."""
 
 from dataclasses import dataclass
-from datetime import datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8, Policy
-from email.utils import format_datetime
 
 from mailer.errors import MissingUnsubscribe
 
@@ -36,7 +34,8 @@ class Envelope:
     list_id: str
     unsubscribe_url: str
     message_id: str
-    date: datetime
+    date: str
+    """RFC 5322 date, e.g. from ``email.utils.format_datetime``."""
     smtputf8: bool = False
 
 
@@ -58,7 +57,7 @@ def compose(envelope: Envelope, rendered: Rendered) -> bytes:
     msg["From"] = HeaderAddress(envelope.from_name, local, domain)
     msg["To"] = envelope.to_addr
     msg["Subject"] = rendered.subject
-    msg["Date"] = format_datetime(envelope.date)
+    msg["Date"] = envelope.date
     msg["Message-ID"] = envelope.message_id
     msg["List-Id"] = envelope.list_id
     msg["List-Unsubscribe"] = f"<{envelope.unsubscribe_url}>"

@@ -6,8 +6,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailer.domain.consent import RequestHistory, may_send
-from mailer.statuses import MessageKind, OutboxStatus
+from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
 from mailer.store.tables import (
+    campaigns,
     lists,
     outbox,
     subscribers,
@@ -31,6 +32,7 @@ class Claimed:
     list_name: str | None
     list_from: str | None
     queued_at: datetime
+    campaign_id: int | None
 
 
 _INSERT = insert(outbox)
@@ -45,11 +47,17 @@ _REQUESTS_SINCE = select(func.count()).where(*_RECIPIENT, outbox.c.created_at > 
 
 
 def enqueue(
-    conn: Connection, *, kind: MessageKind, list_id: int | None, subscriber_id: int, now: datetime
+    conn: Connection,
+    *,
+    kind: MessageKind,
+    list_id: int | None,
+    subscriber_id: int,
+    now: datetime,
+    campaign_id: int | None = None,
 ) -> int:
     values = {
         "kind": kind.value,
-        "campaign_id": None,
+        "campaign_id": campaign_id,
         "list_id": list_id,
         "subscriber_id": subscriber_id,
         "status": OutboxStatus.QUEUED.value,
@@ -62,6 +70,38 @@ def enqueue(
     key = conn.execute(_INSERT, values).inserted_primary_key
     assert key is not None
     return int(key[0])
+
+
+_REQUEUE_PREVIEW = (
+    update(outbox)
+    .where(
+        outbox.c.campaign_id == bindparam("b_cid"),
+        outbox.c.subscriber_id == bindparam("b_sid"),
+        outbox.c.kind == MessageKind.PREVIEW.value,
+        outbox.c.status != OutboxStatus.SENDING.value,
+    )
+    .values(status=OutboxStatus.QUEUED.value, reason=None, attempts=0)
+)
+
+
+def enqueue_preview(
+    conn: Connection, *, campaign_id: int, list_id: int, subscriber_id: int, now: datetime
+) -> None:
+    """Queue a preview copy of a campaign; a repeated preview re-queues the same row."""
+    again = conn.execute(
+        _REQUEUE_PREVIEW,
+        {"b_cid": campaign_id, "b_sid": subscriber_id, "next_attempt_at": now, "updated_at": now},
+    )
+    if again.rowcount:
+        return
+    enqueue(
+        conn,
+        kind=MessageKind.PREVIEW,
+        list_id=list_id,
+        subscriber_id=subscriber_id,
+        now=now,
+        campaign_id=campaign_id,
+    )
 
 
 def confirm_history(
@@ -88,10 +128,11 @@ _CLAIM_COLS = (
     subscriptions.c.status,
     suppressions.c.reason,
     outbox.c.created_at,
+    outbox.c.campaign_id,
 )
 
 
-_DUE = (
+_CANDIDATES = (
     select(*_CLAIM_COLS)
     .select_from(outbox)
     .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
@@ -104,8 +145,25 @@ _DUE = (
         ),
     )
     .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+)
+DIRECT_KINDS = (MessageKind.CONFIRM.value, MessageKind.PREVIEW.value)
+_DUE_DIRECT = (
+    _CANDIDATES.where(
+        outbox.c.status == OutboxStatus.QUEUED.value,
+        outbox.c.kind.in_(DIRECT_KINDS),
+        outbox.c.next_attempt_at <= bindparam("now"),
+    )
+    .order_by(outbox.c.next_attempt_at, outbox.c.id)
+    .limit(bindparam("limit"))
+)
+_DUE_CAMPAIGN = (
+    _CANDIDATES.join(campaigns, campaigns.c.id == outbox.c.campaign_id)
     .where(
-        outbox.c.status == OutboxStatus.QUEUED.value, outbox.c.next_attempt_at <= bindparam("now")
+        outbox.c.campaign_id == bindparam("cid"),
+        outbox.c.status == OutboxStatus.QUEUED.value,
+        outbox.c.next_attempt_at <= bindparam("now"),
+        outbox.c.kind == MessageKind.CAMPAIGN.value,
+        campaigns.c.status == CampaignStatus.RUNNING.value,
     )
     .order_by(outbox.c.next_attempt_at, outbox.c.id)
     .limit(bindparam("limit"))
@@ -121,16 +179,25 @@ _RETRY = (
 )
 
 
-def claim(conn: Connection, now: datetime, limit: int = 1) -> list[Claimed]:
+def claim(
+    conn: Connection, now: datetime, campaign_id: int | None = None, limit: int = 1
+) -> list[Claimed]:
     """Claim up to ``limit`` due messages, each only if its recipient's consent holds *now*.
+
+    ``campaign_id`` picks the lane: one running campaign (the campaign must still be
+    running, checked in this same transaction, so a pause stops claims at once), or with
+    ``None`` the direct lane of confirmation requests and previews. Lanes use separate
+    indexes, so a paused campaign's queued rows never slow anyone else's claim.
 
     Runs inside one short write transaction: a row whose check fails becomes ``skipped`` with
     the reason; a row whose check passes becomes ``sending``. No network I/O happens here, and
     the caller hands each claimed message to SMTP right after this commits.
     """
-    q = _DUE.with_for_update(of=outbox, skip_locked=True) if _locks(conn) else _DUE
+    q = _DUE_DIRECT if campaign_id is None else _DUE_CAMPAIGN
+    if _locks(conn):
+        q = q.with_for_update(of=outbox, skip_locked=True)
     claimed: list[Claimed] = []
-    for r in conn.execute(q, {"now": now, "limit": limit}).all():
+    for r in conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all():
         kind = MessageKind(r[1])
         skip = may_send(kind, r[10], r[11])
         status = OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED
@@ -141,7 +208,7 @@ def claim(conn: Connection, now: datetime, limit: int = 1) -> list[Claimed]:
         )
         if done.rowcount == 1 and skip is None:
             claimed.append(
-                Claimed(r[0], kind, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12])
+                Claimed(r[0], kind, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13])
             )
     return claimed
 
@@ -150,18 +217,42 @@ def _locks(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-def finish(
-    conn: Connection, outbox_id: int, status: OutboxStatus, reason: str | None, now: datetime
-) -> bool:
-    """Record a final outcome, only over ``sending`` (compare-and-set)."""
-    values = {"b_id": outbox_id, "status": status.value, "reason": reason, "updated_at": now}
-    return conn.execute(_FINISH, values).rowcount == 1
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one claimed message: a final status, or ``queued`` again for ``retry_at``."""
+
+    outbox_id: int
+    status: OutboxStatus
+    reason: str | None
+    retry_at: datetime | None
 
 
-def retry_later(conn: Connection, outbox_id: int, reason: str, at: datetime, now: datetime) -> bool:
-    """Put a temporarily failed message back in the queue for ``at`` (compare-and-set)."""
-    values = {"b_id": outbox_id, "reason": reason, "next_attempt_at": at, "updated_at": now}
-    return conn.execute(_RETRY, values).rowcount == 1
+def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
+    """Write outcomes, each only over ``sending`` (compare-and-set); return how many landed."""
+    finals = [
+        {"b_id": o.outbox_id, "status": o.status.value, "reason": o.reason, "updated_at": now}
+        for o in outcomes
+        if o.retry_at is None
+    ]
+    retries = [
+        {"b_id": o.outbox_id, "reason": o.reason, "next_attempt_at": o.retry_at, "updated_at": now}
+        for o in outcomes
+        if o.retry_at is not None
+    ]
+    landed = 0
+    for statement, rows in ((_FINISH, finals), (_RETRY, retries)):
+        if rows:
+            landed += int(conn.execute(statement, rows).rowcount)
+    return landed
+
+
+def claim_next(conn: Connection, now: datetime, lanes: list[int | None]) -> Claimed | None:
+    """Claim the first due message found, trying ``lanes`` in order (``None``: direct lane)."""
+    for lane in lanes:
+        found = claim(conn, now, lane, 1)
+        if found:
+            return found[0]
+    return None
 
 
 def fail_interrupted(conn: Connection, now: datetime) -> int:

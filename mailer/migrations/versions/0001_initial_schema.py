@@ -1,8 +1,8 @@
 """initial schema
 
 Revision ID: 0001
-Revises:
-Create Date: 2026-11-24 21:59:17.824948
+Revises: (none)
+Create Date: 2026-11-24 22:24:35.412733
 """
 
 from collections.abc import Sequence
@@ -27,9 +27,9 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
         sa.Column("revoked_at", sqltypes.UTCDateTime(), nullable=True),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("key_hash"),
-        sa.UniqueConstraint("name"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_key")),
+        sa.UniqueConstraint("key_hash", name=op.f("uq_api_key_key_hash")),
+        sa.UniqueConstraint("name", name=op.f("uq_api_key_name")),
     )
     op.create_table(
         "consent_event",
@@ -47,7 +47,7 @@ def upgrade() -> None:
         sa.Column("evidence_digest", sqltypes.AutoString(length=64), nullable=False),
         sa.Column("prev_hash", sqltypes.AutoString(length=64), nullable=False),
         sa.Column("hash", sqltypes.AutoString(length=64), nullable=False),
-        sa.PrimaryKeyConstraint("seq"),
+        sa.PrimaryKeyConstraint("seq", name=op.f("pk_consent_event")),
     )
     with op.batch_alter_table("consent_event", schema=None) as batch_op:
         batch_op.create_index(
@@ -58,7 +58,7 @@ def upgrade() -> None:
         "instance_setting",
         sa.Column("name", sa.String(length=64), nullable=False),
         sa.Column("value", sqltypes.AutoString(length=200), nullable=False),
-        sa.PrimaryKeyConstraint("name"),
+        sa.PrimaryKeyConstraint("name", name=op.f("pk_instance_setting")),
     )
     op.create_table(
         "mailing_list",
@@ -69,9 +69,9 @@ def upgrade() -> None:
         sa.Column("description", sqltypes.AutoString(length=2000), nullable=False),
         sa.Column("from_addr", sqltypes.AutoString(length=320), nullable=True),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("slug"),
-        sa.UniqueConstraint("uid"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_mailing_list")),
+        sa.UniqueConstraint("slug", name=op.f("uq_mailing_list_slug")),
+        sa.UniqueConstraint("uid", name=op.f("uq_mailing_list_uid")),
     )
     op.create_table(
         "subscriber",
@@ -80,17 +80,78 @@ def upgrade() -> None:
         sa.Column("email_hash", sa.String(length=32), nullable=False),
         sa.Column("name", sqltypes.AutoString(length=200), nullable=True),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("email"),
-        sa.UniqueConstraint("email_hash"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_subscriber")),
+        sa.UniqueConstraint("email", name=op.f("uq_subscriber_email")),
+        sa.UniqueConstraint("email_hash", name=op.f("uq_subscriber_email_hash")),
     )
     op.create_table(
         "suppression",
         sa.Column("email_hash", sa.String(length=32), nullable=False),
         sa.Column("reason", sqltypes.AutoString(length=16), nullable=False),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint("email_hash"),
+        sa.PrimaryKeyConstraint("email_hash", name=op.f("pk_suppression")),
     )
+    op.create_table(
+        "campaign",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("list_id", sa.Integer(), nullable=False),
+        sa.Column("subject", sqltypes.AutoString(length=998), nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
+        sa.Column("template", sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("status", sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("scheduled_at", sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("fanout_cursor", sa.Integer(), nullable=False),
+        sa.Column("fanout_done", sa.Boolean(), nullable=False),
+        sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("started_at", sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("finished_at", sqltypes.UTCDateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["list_id"],
+            ["mailing_list.id"],
+            name=op.f("fk_campaign_list_id_mailing_list"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_campaign")),
+    )
+    with op.batch_alter_table("campaign", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_campaign_list_id"), ["list_id"], unique=False)
+
+    op.create_table(
+        "subscription",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("subscriber_id", sa.Integer(), nullable=False),
+        sa.Column("list_id", sa.Integer(), nullable=False),
+        sa.Column("status", sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("updated_at", sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("confirmed_at", sqltypes.UTCDateTime(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["list_id"],
+            ["mailing_list.id"],
+            name=op.f("fk_subscription_list_id_mailing_list"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["subscriber_id"],
+            ["subscriber.id"],
+            name=op.f("fk_subscription_subscriber_id_subscriber"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_subscription")),
+        sa.UniqueConstraint(
+            "subscriber_id", "list_id", name=op.f("uq_subscription_subscriber_id_list_id")
+        ),
+    )
+    with op.batch_alter_table("subscription", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_subscription_audience", ["list_id", "status", "subscriber_id"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_subscription_list_id"), ["list_id"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_subscription_subscriber_id"), ["subscriber_id"], unique=False
+        )
+
     op.create_table(
         "outbox",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -104,35 +165,36 @@ def upgrade() -> None:
         sa.Column("next_attempt_at", sqltypes.UTCDateTime(), nullable=False),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["list_id"], ["mailing_list.id"], ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["subscriber_id"], ["subscriber.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("campaign_id", "subscriber_id"),
+        sa.ForeignKeyConstraint(
+            ["campaign_id"],
+            ["campaign.id"],
+            name=op.f("fk_outbox_campaign_id_campaign"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["list_id"],
+            ["mailing_list.id"],
+            name=op.f("fk_outbox_list_id_mailing_list"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["subscriber_id"],
+            ["subscriber.id"],
+            name=op.f("fk_outbox_subscriber_id_subscriber"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
+        sa.UniqueConstraint("campaign_id", "subscriber_id", "kind", name="uq_outbox_once"),
     )
     with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.create_index("ix_outbox_due", ["status", "next_attempt_at"], unique=False)
+        batch_op.create_index(
+            "ix_outbox_campaign", ["campaign_id", "status", "next_attempt_at"], unique=False
+        )
+        batch_op.create_index(
+            "ix_outbox_direct", ["status", "kind", "next_attempt_at"], unique=False
+        )
         batch_op.create_index(
             "ix_outbox_recipient", ["subscriber_id", "kind", "created_at"], unique=False
-        )
-
-    op.create_table(
-        "subscription",
-        sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("subscriber_id", sa.Integer(), nullable=False),
-        sa.Column("list_id", sa.Integer(), nullable=False),
-        sa.Column("status", sqltypes.AutoString(length=16), nullable=False),
-        sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("confirmed_at", sqltypes.UTCDateTime(), nullable=True),
-        sa.ForeignKeyConstraint(["list_id"], ["mailing_list.id"], ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["subscriber_id"], ["subscriber.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("subscriber_id", "list_id"),
-    )
-    with op.batch_alter_table("subscription", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_subscription_list_id"), ["list_id"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_subscription_subscriber_id"), ["subscriber_id"], unique=False
         )
 
     # ### end Alembic commands ###
@@ -140,16 +202,22 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table("outbox", schema=None) as batch_op:
+        batch_op.drop_index("ix_outbox_recipient")
+        batch_op.drop_index("ix_outbox_direct")
+        batch_op.drop_index("ix_outbox_campaign")
+
+    op.drop_table("outbox")
     with op.batch_alter_table("subscription", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_subscription_subscriber_id"))
         batch_op.drop_index(batch_op.f("ix_subscription_list_id"))
+        batch_op.drop_index("ix_subscription_audience")
 
     op.drop_table("subscription")
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.drop_index("ix_outbox_recipient")
-        batch_op.drop_index("ix_outbox_due")
+    with op.batch_alter_table("campaign", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_campaign_list_id"))
 
-    op.drop_table("outbox")
+    op.drop_table("campaign")
     op.drop_table("suppression")
     op.drop_table("subscriber")
     op.drop_table("mailing_list")
