@@ -142,6 +142,9 @@ class Outbox(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=500)
     attempts: int = 0
     next_attempt_at: datetime
+    checked_at: datetime | None = None
+    """When the last send-time consent check passed (the claim): G2 audits compare it with
+    the time an unsubscribe was answered."""
     created_at: datetime
     updated_at: datetime
 

@@ -24,7 +24,7 @@ from mailer.store import campaigns, outbox
 from mailer.store.campaigns import CampaignRow
 from mailer.store.db import Database
 from mailer.store.outbox import Claimed, Outcome
-from mailer.transport.outcomes import PermFail, Sent, TempFail, Unknown
+from mailer.transport.outcomes import PermFail, RelayDown, Sent, TempFail, Unknown
 
 log = logging.getLogger("mailer.sending")
 
@@ -173,25 +173,38 @@ class Sender:
                 self._metrics.handoff.observe(self._clock.monotonic() - checked)
                 self._relay_backoff = 0.0
                 self._record(message, OutboxStatus.SENT, None)
-            case PermFail(reason=reason):
-                self._record(message, OutboxStatus.FAILED, reason)
+            case PermFail(reason=reason) as refused:
+                bounced = message.email_hash if refused.no_such_mailbox else None
+                self._record(message, OutboxStatus.FAILED, reason, bounced)
             case Unknown(reason=reason):
                 self._record(message, OutboxStatus.UNKNOWN, reason)
             case TempFail(reason=reason, relay_backoff=backoff):
                 if backoff:
-                    self._close_relay()
+                    self._close_relay(reason)
                 self._retry(message, reason)
+            case RelayDown(reason=reason):
+                self._close_relay(reason)
+                now = self._clock.now()
+                self.recorder.add(
+                    Outcome(message.outbox_id, OutboxStatus.QUEUED, reason, now, charged=False)
+                )
 
-    def _close_relay(self) -> None:
-        """A 421 or an unreachable relay: every task waits, with a doubling pause."""
+    def _close_relay(self, reason: str) -> None:
+        """A 421 or an unusable relay: every task waits, with a doubling pause."""
         self._relay_backoff = min(
             RELAY_BACKOFF_MAX, max(RELAY_BACKOFF_START, self._relay_backoff * 2)
         )
         self._relay_closed_until = self._clock.monotonic() + self._relay_backoff
-        log.warning("relay.backoff seconds=%.0f", self._relay_backoff)
+        log.error("relay.backoff seconds=%.0f reason=%s", self._relay_backoff, reason)
 
-    def _record(self, message: Claimed, status: OutboxStatus, reason: str | None) -> None:
-        self.recorder.add(Outcome(message.outbox_id, status, reason, None))
+    def _record(
+        self,
+        message: Claimed,
+        status: OutboxStatus,
+        reason: str | None,
+        bounced_hash: str | None = None,
+    ) -> None:
+        self.recorder.add(Outcome(message.outbox_id, status, reason, None, True, bounced_hash))
         self._metrics.messages.labels(message.kind.value, status.value).inc()
 
     def _retry(self, message: Claimed, reason: str) -> None:

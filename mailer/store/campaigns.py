@@ -150,6 +150,7 @@ _FANOUT_COLUMNS = [
     "status",
     "attempts",
     "next_attempt_at",
+    "checked_at",
     "created_at",
     "updated_at",
 ]
@@ -180,6 +181,7 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
             literal(OutboxStatus.QUEUED.value),
             literal(0),
             literal(now, outbox.c.next_attempt_at.type),
+            literal(None, outbox.c.checked_at.type),
             literal(now, outbox.c.created_at.type),
             literal(now, outbox.c.updated_at.type),
         ).where(

@@ -6,7 +6,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailer.domain.consent import RequestHistory, may_send
-from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
+from mailer.domain.ledger import Evidence
+from mailer.statuses import CampaignStatus, Channel, MessageKind, OutboxStatus, SuppressionReason
+from mailer.store import ledger, suppression
 from mailer.store.tables import (
     campaigns,
     lists,
@@ -64,6 +66,7 @@ def enqueue(
         "reason": None,
         "attempts": 0,
         "next_attempt_at": now,
+        "checked_at": None,
         "created_at": now,
         "updated_at": now,
     }
@@ -177,6 +180,7 @@ _RETRY = (
     .where(*_SENDING)
     .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts + 1)
 )
+_REQUEUE = update(outbox).where(*_SENDING).values(status=OutboxStatus.QUEUED.value)
 
 
 def claim(
@@ -202,10 +206,14 @@ def claim(
         skip = may_send(kind, r[10], r[11])
         status = OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED
         reason = None if skip is None else skip.value
-        done = conn.execute(
-            _MOVE_QUEUED,
-            {"b_id": r[0], "status": status.value, "reason": reason, "updated_at": now},
-        )
+        values = {
+            "b_id": r[0],
+            "status": status.value,
+            "reason": reason,
+            "updated_at": now,
+            "checked_at": now if skip is None else None,
+        }
+        done = conn.execute(_MOVE_QUEUED, values)
         if done.rowcount == 1 and skip is None:
             claimed.append(
                 Claimed(r[0], kind, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13])
@@ -219,30 +227,46 @@ def _locks(conn: Connection) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one claimed message: a final status, or ``queued`` again for ``retry_at``."""
+    """What became of one claimed message: a final status, or ``queued`` again for ``retry_at``.
+
+    ``charged`` is False when the relay could not be used at all: the attempt is not counted.
+    ``bounced_hash`` names an address the relay said does not exist, to suppress as bounced.
+    """
 
     outbox_id: int
     status: OutboxStatus
     reason: str | None
     retry_at: datetime | None
+    charged: bool = True
+    bounced_hash: str | None = None
+
+
+BOUNCE_EVIDENCE = Evidence(channel=Channel.BOUNCE.value, actor="relay")
 
 
 def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
     """Write outcomes, each only over ``sending`` (compare-and-set); return how many landed."""
-    finals = [
-        {"b_id": o.outbox_id, "status": o.status.value, "reason": o.reason, "updated_at": now}
-        for o in outcomes
-        if o.retry_at is None
-    ]
-    retries = [
-        {"b_id": o.outbox_id, "reason": o.reason, "next_attempt_at": o.retry_at, "updated_at": now}
-        for o in outcomes
-        if o.retry_at is not None
-    ]
+    finals: list[dict[str, object]] = []
+    retries: list[dict[str, object]] = []
+    requeues: list[dict[str, object]] = []
+    for o in outcomes:
+        row: dict[str, object] = {"b_id": o.outbox_id, "reason": o.reason, "updated_at": now}
+        if o.retry_at is None:
+            finals.append({**row, "status": o.status.value})
+        else:
+            (retries if o.charged else requeues).append({**row, "next_attempt_at": o.retry_at})
+        if o.bounced_hash and suppression.put(conn, o.bounced_hash, SuppressionReason.BOUNCED, now):
+            ledger.append(
+                conn,
+                event="suppressed",
+                subject_hash=o.bounced_hash,
+                evidence=BOUNCE_EVIDENCE,
+                now=now,
+            )
     landed = 0
-    for statement, rows in ((_FINISH, finals), (_RETRY, retries)):
-        if rows:
-            landed += int(conn.execute(statement, rows).rowcount)
+    for statement, params in ((_FINISH, finals), (_RETRY, retries), (_REQUEUE, requeues)):
+        if params:
+            landed += int(conn.execute(statement, params).rowcount)
     return landed
 
 

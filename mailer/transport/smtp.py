@@ -6,6 +6,7 @@ timeout during ``DATA`` is ``Unknown`` and must not be retried (research/reliabi
 """
 
 import asyncio
+import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,15 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from mailer.transport.outcomes import Outcome, PermFail, Sent, TempFail, Unknown
+from mailer.transport.outcomes import Outcome, PermFail, RelayDown, Sent, TempFail, Unknown
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _enhanced(message: str) -> str | None:
+    """The RFC 3463 enhanced status code a reply text starts with, if any."""
+    found = _ENHANCED.match(message.strip())
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +104,13 @@ class Connection:
         try:
             if not client.is_connected:
                 await client.connect()
-        except aiosmtplib.SMTPResponseException as exc:
-            return self._refused("connect", exc)
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()  # learn the extensions (SMTPUTF8) before MAIL FROM
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
-            return TempFail(f"could not reach the relay: {exc}", relay_backoff=True)
+            return RelayDown(f"cannot use the relay ({type(exc).__name__}): {exc}")
+        if smtputf8 and not client.supports_extension("smtputf8"):
+            return PermFail(0, "the relay does not offer SMTPUTF8, needed for this address")
         options = ["SMTPUTF8"] if smtputf8 else []
         encoding = "utf-8" if smtputf8 else "ascii"  # aiosmtplib encodes addresses as ASCII
         step = "MAIL FROM"
@@ -128,6 +139,6 @@ class Connection:
         if 400 <= exc.code < 500:
             return TempFail(reason, relay_backoff=exc.code == 421)
         if exc.code >= 500:
-            return PermFail(exc.code, reason)
+            return PermFail(exc.code, reason, _enhanced(exc.message))
         self.broken = True
         return TempFail(reason)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-24 22:24:35.412733
+Create Date: 2026-11-24 22:31:33.487316
 """
 
 from collections.abc import Sequence
@@ -163,6 +163,7 @@ def upgrade() -> None:
         sa.Column("reason", sqltypes.AutoString(length=500), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("checked_at", sqltypes.UTCDateTime(), nullable=True),
         sa.Column("created_at", sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqltypes.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
