@@ -133,7 +133,8 @@ async def open_mailer(
                 give_up_after=timedelta(hours=settings.smtp_give_up_hours),
                 rate_per_second=settings.smtp_rate,
             )
-            sender = Sender(db, pool, factory, clock, metrics, policy)
+            prefetch = 2 * settings.smtp_connections
+            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch)
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
                 sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds

@@ -51,7 +51,7 @@ class Worker:
         self._sender.recorder.start()
         await self._scheduler.tick()
         self._tasks = [
-            asyncio.create_task(self._send_loop(i), name=f"mailer-send-{i}")
+            asyncio.create_task(self._send_loop(), name=f"mailer-send-{i}")
             for i in range(self._tasks_wanted)
         ]
         self._tasks.append(asyncio.create_task(self._schedule_loop(), name="mailer-scheduler"))
@@ -63,9 +63,10 @@ class Worker:
         self._tick.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._sender.release()
         await self._sender.recorder.stop()
 
-    async def _send_loop(self, index: int) -> None:
+    async def _send_loop(self) -> None:
         while not self._stopping.is_set():
             wait = self._sender.relay_wait()
             if wait > 0:
@@ -74,7 +75,7 @@ class Worker:
             try:
                 self._metrics.worker_busy.inc()
                 try:
-                    did = await self._sender.send_one(index)
+                    did = await self._sender.send_one()
                 finally:
                     self._metrics.worker_busy.dec()
             except Exception:

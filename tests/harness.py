@@ -4,6 +4,8 @@ import asyncio
 import email
 import email.policy
 import sqlite3
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServer
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, syntax
 
 Hook = Callable[[str], Awaitable[str | None]]
 
@@ -32,6 +34,55 @@ class Captured:
         return parsed
 
 
+@dataclass(frozen=True)
+class SinkEvent:
+    """One thing the sink saw: ``stage`` is connect, auth, ehlo, mail, rcpt, data or rset.
+
+    ``at`` is ``time.monotonic()`` (system-wide on Linux, so comparable with the test's own).
+    ``detail`` is the address for mail/rcpt/data, the EHLO name, or ok/refused for auth.
+    """
+
+    at: float
+    stage: str
+    detail: str
+
+
+class _Banner(asyncio.Protocol):
+    """A relay that answers a new connection with one line (or nothing) and hangs up."""
+
+    def __init__(self, banner: str) -> None:
+        self._banner = banner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._banner and isinstance(transport, asyncio.WriteTransport):
+            transport.write(self._banner.encode("ascii") + b"\r\n")
+        transport.close()
+
+
+class _FaultSMTP(SMTPServer):
+    """aiosmtpd's server with a per-connection transaction count and a scriptable DATA verb."""
+
+    transactions = 0
+    """MAIL FROM commands seen on this connection."""
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        sink = self.event_handler
+        rcpts = self.envelope.rcpt_tos if self.envelope is not None else []
+        reply = sink.data_command_replies.get(rcpts[0]) if rcpts else None
+        if reply is None:
+            await super().smtp_DATA(arg)
+        elif reply == "":
+            _hang_up(self)
+        else:
+            await self.push(reply)
+
+
+def _hang_up(server: SMTPServer) -> None:
+    if server.transport is not None:
+        server.transport.close()
+
+
 @dataclass
 class SinkServer:
     """A real SMTP server on 127.0.0.1 that records what it accepts.
@@ -40,6 +91,25 @@ class SinkServer:
     ``data_replies[addr]`` answers end-of-DATA with it, ``drop_in_data`` holds addresses for
     which the server keeps the message and closes the connection without replying, and
     ``before_data_reply`` is awaited (with the recipient) before each DATA reply.
+
+    Further faults, all off by default (a reply of ``""`` means: close the connection
+    instead of answering):
+
+    * ``greeting``: every new connection gets this banner line and is closed at once
+      (e.g. ``"421 4.3.2 busy"``); ``""`` closes without any banner.
+    * ``ehlo_reply``: EHLO is answered with this one line instead of the extensions.
+    * ``mail_reply``: every MAIL FROM is answered with this (it names no recipient).
+    * ``nth_mail_reply``: ``(n, reply)``: the n-th MAIL FROM of each connection gets
+      ``reply`` (a relay's per-connection rate limit, e.g. ``(5, "421 4.7.0 slow down")``).
+    * ``drop_at_rcpt``: addresses whose RCPT TO closes the connection without a reply.
+    * ``data_command_replies[addr]``: answer the DATA verb itself (before any 354).
+    * ``rcpt_delays[addr]`` / ``data_delays[addr]``: seconds to wait before answering RCPT
+      / the end of DATA (the message is stored first, so a client timeout leaves one copy).
+    * ``smtputf8``: whether EHLO offers SMTPUTF8.
+    * ``auth_password``: offer AUTH (PLAIN, LOGIN) without TLS and accept only this password.
+
+    ``events`` logs what arrived, in order; ``drop_connections`` / ``silence_connections``
+    act on the connections open now (a relay closing idle ones, or one gone quiet).
     """
 
     messages: list[Captured] = field(default_factory=list)
@@ -47,7 +117,19 @@ class SinkServer:
     data_replies: dict[str, str] = field(default_factory=dict)
     drop_in_data: set[str] = field(default_factory=set)
     before_data_reply: Hook | None = None
+    greeting: str | None = None
+    ehlo_reply: str | None = None
+    mail_reply: str | None = None
+    nth_mail_reply: tuple[int, str] | None = None
+    drop_at_rcpt: set[str] = field(default_factory=set)
+    data_command_replies: dict[str, str] = field(default_factory=dict)
+    rcpt_delays: dict[str, float] = field(default_factory=dict)
+    data_delays: dict[str, float] = field(default_factory=dict)
+    smtputf8: bool = True
+    auth_password: str | None = None
+    events: list[SinkEvent] = field(default_factory=list)
     _server: asyncio.Server | None = None
+    _live: "weakref.WeakSet[SMTPServer]" = field(default_factory=weakref.WeakSet)
 
     @property
     def port(self) -> int:
@@ -56,20 +138,98 @@ class SinkServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SMTPServer(self, enable_SMTPUTF8=True, hostname="sink"),
-            host="127.0.0.1",
-            port=0,
-        )
+        self._server = await loop.create_server(self._connection, host="127.0.0.1", port=0)
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        self._log("connect", "")
+        if self.greeting is not None:
+            return _Banner(self.greeting)
+        auth: dict[str, Any] = {}
+        if self.auth_password is not None:
+            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+        server = _FaultSMTP(self, enable_SMTPUTF8=self.smtputf8, hostname="sink", **auth)
+        self._live.add(server)
+        return server
+
+    def _log(self, stage: str, detail: str) -> None:
+        self.events.append(SinkEvent(time.monotonic(), stage, detail))
+
+    def seen(self, stage: str) -> list[SinkEvent]:
+        """The events of one stage, in order of arrival."""
+        return [e for e in self.events if e.stage == stage]
+
+    def drop_connections(self) -> int:
+        """Close every connection open now (as a relay does with idle ones); return how many."""
+        live = [s for s in self._live if s.transport is not None]
+        for server in live:
+            _hang_up(server)
+        return len(live)
+
+    def silence_connections(self) -> int:
+        """Stop reading from every connection open now, which then never answers again."""
+        live = [s for s in self._live if s.transport is not None]
+        for server in live:
+            assert isinstance(server.transport, asyncio.ReadTransport)
+            server.transport.pause_reading()
+        return len(live)
+
+    def _authenticate(
+        self, server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        password = self.auth_password
+        ok = isinstance(data, LoginPassword) and password is not None
+        ok = ok and data.password == str(password).encode("utf-8")
+        self._log("auth", "ok" if ok else "refused")
+        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd replies 235/535
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self._log("ehlo", hostname)
+        session.host_name = hostname  # what aiosmtpd does itself when there is no hook
+        if self.ehlo_reply is None:
+            return responses
+        if self.ehlo_reply == "":
+            _hang_up(server)
+            return []
+        return [self.ehlo_reply]
+
+    async def handle_MAIL(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self._log("mail", address)
+        server.transactions += 1
+        reply = self.mail_reply
+        if self.nth_mail_reply is not None and server.transactions == self.nth_mail_reply[0]:
+            reply = self.nth_mail_reply[1]
+        if reply == "":
+            _hang_up(server)
+            return "250 never seen by the client"
+        if reply is not None:
+            return reply
+        envelope.mail_from = address  # what aiosmtpd does itself when there is no hook
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RSET(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self._log("rset", "")
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
+        self._log("rcpt", address)
+        delay = self.rcpt_delays.get(address)
+        if delay:
+            await asyncio.sleep(delay)
+        if address in self.drop_at_rcpt:
+            _hang_up(server)
+            return "250 never seen by the client"
         reply = self.rcpt_replies.get(address)
         if reply is not None:
             return reply
@@ -79,6 +239,7 @@ class SinkServer:
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         rcpt = envelope.rcpt_tos[0]
         raw = envelope.original_content or b""
+        self._log("data", rcpt)
         if self.before_data_reply is not None:
             override = await self.before_data_reply(rcpt)
             if override is not None:
@@ -91,6 +252,9 @@ class SinkServer:
         if reply is not None:
             return reply
         self.messages.append(Captured(str(envelope.mail_from), list(envelope.rcpt_tos), raw))
+        delay = self.data_delays.get(rcpt)
+        if delay:
+            await asyncio.sleep(delay)
         return "250 OK"
 
     def to(self, address: str) -> list[Captured]:

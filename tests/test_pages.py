@@ -383,7 +383,7 @@ async def test_confirmation_request_unsubscribe_link_is_global(
     await make_list(mailer, "tech", "Tech Notes")
     subject = await confirmed(client, mailer, "fay@example.org", "tech")
     await request(mailer, "fay@example.org", news)
-    await settled(db_path, sink, 2)
+    await settled(db_path)  # tech's request may be skipped: it was confirmed before it went
     message = next(m for m in sink.messages if "Example News" in m.message["Subject"])
     body_link = token_of(links(message)["unsubscribe"])
     header = str(message.message["List-Unsubscribe"])
@@ -409,7 +409,7 @@ async def test_global_link_one_click_is_global(
     await make_list(mailer, "tech", "Tech Notes")
     subject = await confirmed(client, mailer, "gus@example.org", "tech")
     await request(mailer, "gus@example.org", news)
-    await settled(db_path, sink, 2)
+    await settled(db_path)  # tech's request may be skipped: it was confirmed before it went
     message = next(m for m in sink.messages if "Example News" in m.message["Subject"])
     r = await client.post(
         path_of(links(message)["unsubscribe"]), data={"List-Unsubscribe": "One-Click"}

@@ -4,8 +4,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
+from jinja2 import TemplateError
 from sqlalchemy import Connection
 
 from mailer.domain.addresses import address_hash, parse_address
@@ -79,6 +81,30 @@ class Campaigns:
         if not TEMPLATE_NAME.fullmatch(template) or not self._renderer.has_email(template):
             raise InvalidInput(f"no email template named {template!r} in templates/email/")
         now = self._clock.now()
+        found = await self._db.read(lists.by_slug, list_slug)
+        if found is None:
+            raise NotFound(f"no list named {list_slug!r}")
+        draft = CampaignRow(
+            id=0,
+            list_id=found.id,
+            list_slug=found.slug,
+            list_name=found.name,
+            list_uid=found.uid,
+            list_from=found.from_addr,
+            subject=subject,
+            body=body,
+            template=template,
+            status=CampaignStatus.DRAFT.value,
+            scheduled_at=None,
+            fanout_done=False,
+            created_at=now,
+            started_at=None,
+            finished_at=None,
+        )
+        try:
+            self.sample(draft)  # G3: refuse it now, before anything is stored
+        except TemplateError as exc:
+            raise InvalidInput(f"template {template!r} cannot render a campaign: {exc}") from None
 
         def tx(conn: Connection) -> int:
             target = lists.by_slug(conn, list_slug)
@@ -88,9 +114,7 @@ class Campaigns:
                 conn, list_id=target.id, subject=subject, body=body, template=template, now=now
             )
 
-        campaign_id = await self._db.write(tx)
-        self.sample(await self._db.read(campaigns.get, campaign_id))  # G3: refuse it now
-        return campaign_id
+        return await self._db.write(tx)
 
     async def get(self, campaign_id: int) -> CampaignRow:
         return await self._db.read(campaigns.get, campaign_id)
@@ -138,6 +162,8 @@ class Campaigns:
                     f"previews go only to confirmed subscribers of {campaign.list_slug!r} (G1); "
                     "subscribe the test address and confirm it first"
                 )
+            if campaigns.preview_in_hand(conn, campaign.id, person.id):
+                raise Conflict("the last preview to that address is being sent; try again soon")
             outbox.enqueue_preview(
                 conn,
                 campaign_id=campaign.id,
@@ -191,7 +217,7 @@ class Campaigns:
 
     async def _act(self, campaign_id: int, action: str, **values: Any) -> CampaignStatus:
         status = await self._db.write(
-            campaigns.transition, campaign_id, action, self._clock.now(), **values
+            partial(campaigns.transition, **values), campaign_id, action, self._clock.now()
         )
         self._on_change()
         return status

@@ -1,5 +1,6 @@
 """Building the bytes of each message: confirmation requests, and campaigns from skeletons."""
 
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import format_datetime
@@ -11,6 +12,7 @@ from mailer.domain.skeleton import Skeleton, placeholder
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.render import Renderer
 from mailer.services.ports import Clock
+from mailer.statuses import MessageKind
 from mailer.store.campaigns import CampaignRow
 from mailer.store.outbox import Claimed
 
@@ -55,6 +57,13 @@ class MessageFactory:
         token = self._codec.unsubscribe_token(LinkClaim(subject_hash, list_uid))
         return f"{self._config.base_url}/unsubscribe/{token}"
 
+    def _message_id_left(self, m: Claimed) -> str:
+        """Stable per outbox row (a retry keeps it); each preview copy gets a new one."""
+        left = f"{m.outbox_id}.{self._config.instance_id}"
+        if m.kind is MessageKind.PREVIEW:
+            left = f"{left}.{secrets.token_hex(4)}"
+        return left
+
     def _envelope(
         self, m: Claimed, sender: str, list_name: str, list_slug: str, unsubscribe: str
     ) -> Envelope:
@@ -65,7 +74,7 @@ class MessageFactory:
             to_addr=m.email,
             list_id=list_id_header(list_name, list_slug, domain),
             unsubscribe_url=unsubscribe,
-            message_id=f"<{m.outbox_id}.{self._config.instance_id}@{domain}>",
+            message_id=f"<{self._message_id_left(m)}@{domain}>",
             date=format_datetime(self._clock.now()),
             smtputf8=not (m.email.isascii() and sender.isascii()),
         )
@@ -93,7 +102,7 @@ class MessageFactory:
         if prepared.skeleton is not None:
             values = {
                 "to": m.email.encode("utf-8"),
-                "mid": f"{m.outbox_id}.{self._config.instance_id}".encode("ascii"),
+                "mid": self._message_id_left(m).encode("ascii"),
                 "date": format_datetime(self._clock.now()).encode("ascii"),
                 "unsub": unsubscribe.encode("ascii"),
             }

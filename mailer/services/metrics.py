@@ -33,6 +33,11 @@ class Metrics:
             "mailer_api_rate_limited", "API requests refused with 429", registry=r
         )
         self.worker_busy = Gauge("mailer_worker_busy", "Send tasks handing off now", registry=r)
+        self.relay_backoff = Gauge(
+            "mailer_relay_backoff_seconds",
+            "How long sending pauses after the relay refused or failed (0: relay healthy)",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,25 +1,37 @@
-"""The send path: claim (with the consent check) -> build -> hand off -> record.
+"""The send path: claim -> consent check -> build -> hand off -> record.
 
 Every message, the confirmation request included, goes through ``Sender.send_one``; there
-is no other way out. The SMTP connection (and a rate-limit token) is taken *before* the
-claim, so nothing waits between the consent check and the hand-off. Each send task claims
-one message at a time; throughput comes from many tasks sharing each group commit, and from
-recording outcomes in batches that ride along with the next claims.
+is no other way out.
+
+* **Claim** (a write, so an fsync): rows are reserved in small batches into a shared
+  prefetch buffer, ``sending`` from then on. The claim already skips anyone who left.
+* **Consent check** (G1/G2): after the task holds its SMTP connection and rate-limit token,
+  and right before the hand-off, one prepared read (``outbox.PROBE``) looks at the
+  recipient's subscription, suppression and the campaign's status *as of now*. Anyone who
+  unsubscribed after the claim is skipped; a paused campaign's message goes back to the
+  queue uncharged; a cancelled one's is skipped. Nothing waits between this check and the
+  hand-off, and its time is recorded as ``checked_at``.
+* **Record**: outcomes are written in batches that share a commit with the next claims.
+
+A crash leaves the buffered and in-flight rows ``sending``; the next start reports them
+failed (``interrupted``), never sends them twice (G6). The buffer is small to keep that few.
 """
 
 import asyncio
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from mailer.domain.consent import may_send
 from mailer.domain.ratelimit import TokenBucket
 from mailer.domain.retry import next_attempt
 from mailer.errors import MailerError, MissingUnsubscribe
 from mailer.services.messages import Built, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock, MailConnection, MailTransport
-from mailer.statuses import MessageKind, OutboxStatus
+from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
 from mailer.store import campaigns, outbox
 from mailer.store.campaigns import CampaignRow
 from mailer.store.db import Database
@@ -91,6 +103,7 @@ class Sender:
         clock: Clock,
         metrics: Metrics,
         policy: SendPolicy,
+        prefetch: int = 8,
     ) -> None:
         self._db = db
         self._transport = transport
@@ -109,6 +122,10 @@ class Sender:
         )
         self._relay_backoff = 0.0
         self._relay_closed_until = 0.0
+        self._prefetch = prefetch
+        self._buffer: deque[Claimed] = deque()
+        self._filling: asyncio.Future[None] | None = None
+        self._turn = 0
 
     def set_lanes(self, running: list[int]) -> None:
         """The running campaigns, whose messages are claimed after the direct lane."""
@@ -127,19 +144,70 @@ class Sender:
             return self._bucket.take(now)
         return 0.0
 
-    async def send_one(self, task: int = 0) -> bool:
-        """Claim one due message and hand it off; return False when none was due."""
+    async def send_one(self) -> bool:
+        """Hand off one due message (or settle it without sending); False when none was due."""
         async with self._transport.connection() as conn:
-            checked = self._clock.monotonic()
-            lanes = self._lanes
-            if lanes:
-                turn = task % len(lanes)
-                lanes = lanes[turn:] + lanes[:turn]
-            message = await self._db.write(outbox.claim_next, self._clock.now(), [None, *lanes])
+            message = await self._next()
             if message is None:
                 return False
-            await self._deliver(conn, message, checked)
+            checked = self._clock.monotonic()
+            verdict = await self._check(message)
+            if verdict is not None:
+                self.recorder.add(verdict)
+                return True
+            await self._deliver(conn, message, checked, self._clock.now())
         return True
+
+    async def release(self) -> None:
+        """On a clean stop: claimed messages not yet handed off go back to the queue."""
+        now = self._clock.now()
+        while self._buffer:
+            message = self._buffer.popleft()
+            self.recorder.add(Outcome(message.outbox_id, OutboxStatus.QUEUED, None, now, False))
+
+    async def _next(self) -> Claimed | None:
+        if not self._buffer:
+            await self._fill()
+        elif len(self._buffer) <= self._prefetch // 2 and self._filling is None:
+            self._filling = asyncio.ensure_future(self._claim())
+        return self._buffer.popleft() if self._buffer else None
+
+    async def _fill(self) -> None:
+        if self._filling is None:
+            self._filling = asyncio.ensure_future(self._claim())
+        await asyncio.shield(self._filling)
+
+    async def _claim(self) -> None:
+        try:
+            lanes = self._lanes
+            if lanes:
+                self._turn = (self._turn + 1) % len(lanes)
+                lanes = lanes[self._turn :] + lanes[: self._turn]
+            room = max(1, self._prefetch - len(self._buffer))
+            claimed = await self._db.write(
+                outbox.claim_batch, self._clock.now(), [None, *lanes], room
+            )
+            self._buffer.extend(claimed)
+        finally:
+            self._filling = None
+
+    async def _check(self, message: Claimed) -> Outcome | None:
+        """The consent check right before hand-off; an outcome when the message must not go."""
+        row = await self._db.peek(outbox.PROBE, {"oid": message.outbox_id})
+        now = self._clock.now()
+        if row is None:  # the person was erased since the claim, and the row with them
+            return Outcome(message.outbox_id, OutboxStatus.SKIPPED, "erased", None)
+        subscription, suppressed, campaign_status = row
+        if message.kind is MessageKind.CAMPAIGN and campaign_status != CampaignStatus.RUNNING:
+            if campaign_status == CampaignStatus.PAUSED:  # back to the queue, uncharged
+                return Outcome(message.outbox_id, OutboxStatus.QUEUED, None, now, False, None, now)
+            reason = str(campaign_status)
+            return Outcome(message.outbox_id, OutboxStatus.SKIPPED, reason, None, True, None, now)
+        skip = may_send(message.kind, subscription, suppressed)
+        if skip is None:
+            return None
+        self._metrics.messages.labels(message.kind.value, "skipped").inc()
+        return Outcome(message.outbox_id, OutboxStatus.SKIPPED, skip.value, None, True, None, now)
 
     async def _build(self, message: Claimed) -> Built:
         if message.kind is MessageKind.CONFIRM:
@@ -151,17 +219,24 @@ class Sender:
             self._campaigns[message.campaign_id] = campaign
         return self._factory.campaign(message, campaign)
 
-    async def _deliver(self, conn: MailConnection, message: Claimed, checked: float) -> None:
+    async def _deliver(
+        self, conn: MailConnection, message: Claimed, checked: float, checked_at: datetime
+    ) -> None:
+        def done(status: OutboxStatus, reason: str | None, bounced: str | None = None) -> None:
+            self.recorder.add(
+                Outcome(message.outbox_id, status, reason, None, True, bounced, checked_at)
+            )
+            self._metrics.messages.labels(message.kind.value, status.value).inc()
+
         try:
             built = await self._build(message)
         except MissingUnsubscribe as exc:
-            self._record(message, OutboxStatus.FAILED, f"not sent: {exc.message}")
+            done(OutboxStatus.FAILED, f"not sent: {exc.message}")
             return
         except Exception as exc:  # a bug or a broken template: nothing has left the machine
             log.exception("outbox.build_failed outbox_id=%d", message.outbox_id)
             detail = exc.message if isinstance(exc, MailerError) else type(exc).__name__
-            reason = f"not sent: the message could not be built ({detail})"
-            self._record(message, OutboxStatus.FAILED, reason)
+            done(OutboxStatus.FAILED, f"not sent: the message could not be built ({detail})")
             return
         try:
             result = await conn.send(built.sender, message.email, built.data, built.smtputf8)
@@ -171,22 +246,49 @@ class Sender:
         match result:
             case Sent():
                 self._metrics.handoff.observe(self._clock.monotonic() - checked)
-                self._relay_backoff = 0.0
-                self._record(message, OutboxStatus.SENT, None)
+                if self._relay_backoff:
+                    self._relay_backoff = 0.0
+                    self._metrics.relay_backoff.set(0)
+                done(OutboxStatus.SENT, None)
             case PermFail(reason=reason) as refused:
-                bounced = message.email_hash if refused.no_such_mailbox else None
-                self._record(message, OutboxStatus.FAILED, reason, bounced)
+                done(
+                    OutboxStatus.FAILED,
+                    reason,
+                    message.email_hash if refused.no_such_mailbox else None,
+                )
             case Unknown(reason=reason):
-                self._record(message, OutboxStatus.UNKNOWN, reason)
+                done(OutboxStatus.UNKNOWN, reason)
             case TempFail(reason=reason, relay_backoff=backoff):
                 if backoff:
                     self._close_relay(reason)
-                self._retry(message, reason)
+                at = next_attempt(
+                    message.attempts,
+                    message.queued_at,
+                    self._clock.now(),
+                    self._policy.give_up_after,
+                    self._rng.random(),
+                )
+                if at is None:
+                    done(OutboxStatus.FAILED, f"gave up retrying: {reason}")
+                else:
+                    self.recorder.add(
+                        Outcome(
+                            message.outbox_id,
+                            OutboxStatus.QUEUED,
+                            reason,
+                            at,
+                            True,
+                            None,
+                            checked_at,
+                        )
+                    )
             case RelayDown(reason=reason):
                 self._close_relay(reason)
                 now = self._clock.now()
                 self.recorder.add(
-                    Outcome(message.outbox_id, OutboxStatus.QUEUED, reason, now, charged=False)
+                    Outcome(
+                        message.outbox_id, OutboxStatus.QUEUED, reason, now, False, None, checked_at
+                    )
                 )
 
     def _close_relay(self, reason: str) -> None:
@@ -195,24 +297,5 @@ class Sender:
             RELAY_BACKOFF_MAX, max(RELAY_BACKOFF_START, self._relay_backoff * 2)
         )
         self._relay_closed_until = self._clock.monotonic() + self._relay_backoff
+        self._metrics.relay_backoff.set(self._relay_backoff)
         log.error("relay.backoff seconds=%.0f reason=%s", self._relay_backoff, reason)
-
-    def _record(
-        self,
-        message: Claimed,
-        status: OutboxStatus,
-        reason: str | None,
-        bounced_hash: str | None = None,
-    ) -> None:
-        self.recorder.add(Outcome(message.outbox_id, status, reason, None, True, bounced_hash))
-        self._metrics.messages.labels(message.kind.value, status.value).inc()
-
-    def _retry(self, message: Claimed, reason: str) -> None:
-        now = self._clock.now()
-        at = next_attempt(
-            message.attempts, message.queued_at, now, self._policy.give_up_after, self._rng.random()
-        )
-        if at is None:
-            self._record(message, OutboxStatus.FAILED, f"gave up retrying: {reason}")
-            return
-        self.recorder.add(Outcome(message.outbox_id, OutboxStatus.QUEUED, reason, at))

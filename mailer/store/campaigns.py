@@ -165,11 +165,13 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
     are queued here; the send-time check decides again for each message.
     """
     row = conn.execute(
-        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done).where(t.c.id == campaign_id)
+        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status).where(
+            t.c.id == campaign_id
+        )
     ).one()
     list_id, cursor, done = int(row[0]), int(row[1]), bool(row[2])
-    if done:
-        return 0, True
+    if done or row[3] != CampaignStatus.RUNNING:  # cancelled or paused since the caller looked
+        return 0, done
     params = {"lid": list_id, "cursor": cursor, "chunk": chunk}
     last, count = conn.execute(_CHUNK_END, params).one()
     if count:
@@ -214,6 +216,21 @@ _OPEN = select(
 def has_open(conn: Connection, campaign_id: int) -> bool:
     """Whether any message of a campaign is still queued (retries included) or in hand-off."""
     return bool(conn.execute(_OPEN, {"cid": campaign_id}).scalar_one())
+
+
+_PREVIEW_IN_HAND = select(
+    exists().where(
+        outbox.c.campaign_id == bindparam("cid"),
+        outbox.c.subscriber_id == bindparam("sid"),
+        outbox.c.kind == MessageKind.PREVIEW.value,
+        outbox.c.status == OutboxStatus.SENDING.value,
+    )
+)
+
+
+def preview_in_hand(conn: Connection, campaign_id: int, subscriber_id: int) -> bool:
+    """Whether this person's preview copy of the campaign is being handed off right now."""
+    return bool(conn.execute(_PREVIEW_IN_HAND, {"cid": campaign_id, "sid": subscriber_id}).scalar())
 
 
 def skip_queued(conn: Connection, campaign_id: int, reason: str, limit: int, now: datetime) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -39,6 +39,10 @@ class Database:
 
     async def run_outside_transaction(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` on a connection with no transaction begun (migrations manage their own)."""
+        raise NotImplementedError
+
+    async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """One row of a small read on the send path's hot loop, as of this instant."""
         raise NotImplementedError
 
     async def compact_erased(self) -> None:
@@ -81,6 +85,11 @@ class PostgresDatabase(Database):
             result = await conn.run_sync(fn, *args)
             await conn.rollback()
             return result
+
+    async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(statement, params)).first()
+            return None if row is None else tuple(row)
 
     async def run_outside_transaction(self, fn: Callable[[Connection], T]) -> T:
         async with self._engine.connect() as conn:

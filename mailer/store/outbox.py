@@ -174,18 +174,25 @@ _DUE_CAMPAIGN = (
 _ONE_ROW = outbox.c.id == bindparam("b_id")
 _MOVE_QUEUED = update(outbox).where(_ONE_ROW, outbox.c.status == OutboxStatus.QUEUED.value)
 _SENDING = (_ONE_ROW, outbox.c.status == OutboxStatus.SENDING.value)
-_FINISH = update(outbox).where(*_SENDING).values(attempts=outbox.c.attempts + 1)
+_CHECKED = func.coalesce(
+    bindparam("b_checked", type_=outbox.c.checked_at.type), outbox.c.checked_at
+)
+_FINISH = (
+    update(outbox).where(*_SENDING).values(attempts=outbox.c.attempts + 1, checked_at=_CHECKED)
+)
 _RETRY = (
     update(outbox)
     .where(*_SENDING)
-    .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts + 1)
+    .values(status=OutboxStatus.QUEUED.value, attempts=outbox.c.attempts + 1, checked_at=_CHECKED)
 )
-_REQUEUE = update(outbox).where(*_SENDING).values(status=OutboxStatus.QUEUED.value)
+_REQUEUE = (
+    update(outbox).where(*_SENDING).values(status=OutboxStatus.QUEUED.value, checked_at=_CHECKED)
+)
 
 
 def claim(
     conn: Connection, now: datetime, campaign_id: int | None = None, limit: int = 1
-) -> list[Claimed]:
+) -> tuple[list[Claimed], int]:
     """Claim up to ``limit`` due messages, each only if its recipient's consent holds *now*.
 
     ``campaign_id`` picks the lane: one running campaign (the campaign must still be
@@ -194,31 +201,35 @@ def claim(
     indexes, so a paused campaign's queued rows never slow anyone else's claim.
 
     Runs inside one short write transaction: a row whose check fails becomes ``skipped`` with
-    the reason; a row whose check passes becomes ``sending``. No network I/O happens here, and
-    the caller hands each claimed message to SMTP right after this commits.
+    the reason; a row whose check passes becomes ``sending``. Returns the claimed messages and
+    how many rows were settled either way (0: nothing was due). No network I/O happens here.
+    The selected rows cannot change before they are updated: SQLite's write lock is held
+    (``BEGIN IMMEDIATE``), and PostgreSQL locks them (``FOR UPDATE SKIP LOCKED``).
     """
     q = _DUE_DIRECT if campaign_id is None else _DUE_CAMPAIGN
     if _locks(conn):
         q = q.with_for_update(of=outbox, skip_locked=True)
     claimed: list[Claimed] = []
+    moves: list[dict[str, object]] = []
     for r in conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all():
         kind = MessageKind(r[1])
         skip = may_send(kind, r[10], r[11])
-        status = OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED
-        reason = None if skip is None else skip.value
-        values = {
-            "b_id": r[0],
-            "status": status.value,
-            "reason": reason,
-            "updated_at": now,
-            "checked_at": now if skip is None else None,
-        }
-        done = conn.execute(_MOVE_QUEUED, values)
-        if done.rowcount == 1 and skip is None:
+        moves.append(
+            {
+                "b_id": r[0],
+                "status": (OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED).value,
+                "reason": None if skip is None else skip.value,
+                "updated_at": now,
+                "checked_at": now if skip is None else None,
+            }
+        )
+        if skip is None:
             claimed.append(
                 Claimed(r[0], kind, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13])
             )
-    return claimed
+    if moves:
+        conn.execute(_MOVE_QUEUED, moves)
+    return claimed, len(moves)
 
 
 def _locks(conn: Connection) -> bool:
@@ -239,6 +250,8 @@ class Outcome:
     retry_at: datetime | None
     charged: bool = True
     bounced_hash: str | None = None
+    checked_at: datetime | None = None
+    """When the consent check right before hand-off passed or failed (``None``: no check)."""
 
 
 BOUNCE_EVIDENCE = Evidence(channel=Channel.BOUNCE.value, actor="relay")
@@ -250,7 +263,12 @@ def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
     retries: list[dict[str, object]] = []
     requeues: list[dict[str, object]] = []
     for o in outcomes:
-        row: dict[str, object] = {"b_id": o.outbox_id, "reason": o.reason, "updated_at": now}
+        row: dict[str, object] = {
+            "b_id": o.outbox_id,
+            "reason": o.reason,
+            "updated_at": now,
+            "b_checked": o.checked_at,
+        }
         if o.retry_at is None:
             finals.append({**row, "status": o.status.value})
         else:
@@ -270,13 +288,46 @@ def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
     return landed
 
 
-def claim_next(conn: Connection, now: datetime, lanes: list[int | None]) -> Claimed | None:
-    """Claim the first due message found, trying ``lanes`` in order (``None``: direct lane)."""
+def claim_batch(
+    conn: Connection, now: datetime, lanes: list[int | None], limit: int
+) -> list[Claimed]:
+    """Claim up to ``limit`` due messages, taking ``lanes`` in order (``None``: direct lane)."""
+    claimed: list[Claimed] = []
     for lane in lanes:
-        found = claim(conn, now, lane, 1)
-        if found:
-            return found[0]
-    return None
+        while len(claimed) < limit:
+            got, settled = claim(conn, now, lane, limit - len(claimed))
+            claimed.extend(got)
+            if not settled:  # this lane has nothing due
+                break
+        if len(claimed) >= limit:
+            break
+    return claimed
+
+
+PROBE = (
+    select(subscriptions.c.status, suppressions.c.reason, campaigns.c.status)
+    .select_from(outbox)
+    .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
+    .outerjoin(
+        subscriptions,
+        and_(
+            subscriptions.c.subscriber_id == outbox.c.subscriber_id,
+            subscriptions.c.list_id == outbox.c.list_id,
+        ),
+    )
+    .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+    .outerjoin(campaigns, campaigns.c.id == outbox.c.campaign_id)
+    .where(outbox.c.id == bindparam("oid"))
+)
+"""The per-message consent check right before hand-off: the recipient's subscription to the
+message's list, their suppression, and the campaign's status, as of now. No row: the person
+was erased since the claim."""
+
+
+INTERRUPTED = (
+    "interrupted: the sender stopped while this message was claimed or in hand-off; "
+    "not retried (it may or may not have been delivered)"
+)
 
 
 def fail_interrupted(conn: Connection, now: datetime) -> int:
@@ -286,7 +337,7 @@ def fail_interrupted(conn: Connection, now: datetime) -> int:
         .where(outbox.c.status == OutboxStatus.SENDING.value)
         .values(
             status=OutboxStatus.FAILED.value,
-            reason="interrupted: the sender stopped during hand-off; not retried",
+            reason=INTERRUPTED,
             updated_at=now,
         )
     )

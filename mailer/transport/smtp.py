@@ -16,6 +16,7 @@ import aiosmtplib
 
 from mailer.transport.outcomes import Outcome, PermFail, RelayDown, Sent, TempFail, Unknown
 
+_GONE = TempFail("connection lost at MAIL FROM")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
 
@@ -96,11 +97,32 @@ class Connection:
 
     async def send(self, sender: str, recipient: str, data: bytes, smtputf8: bool) -> Outcome:
         client = self._client
-        if client.is_connected:
-            try:
-                await client.rset()  # also notices a connection the relay dropped while idle
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                _drop(client)
+        reused = client.is_connected
+        down = await self._ready()
+        if down is not None:
+            return down
+        if smtputf8 and not client.supports_extension("smtputf8"):
+            return PermFail(0, "the relay does not offer SMTPUTF8, needed for this address")
+        options = ["SMTPUTF8"] if smtputf8 else []
+        encoding = "utf-8" if smtputf8 else "ascii"  # aiosmtplib encodes addresses as ASCII
+        refused = await self._mail(sender, options, encoding)
+        if refused is _GONE and reused:
+            # A pooled connection the relay closed while it sat idle: nothing of this
+            # message was sent yet, so reconnect once and carry on.
+            _drop(client)
+            down = await self._ready()
+            if down is not None:
+                return down
+            refused = await self._mail(sender, options, encoding)
+        if refused is not None:
+            if refused is _GONE:
+                self.broken = True
+            return refused
+        return await self._recipient_and_data(recipient, data, encoding)
+
+    async def _ready(self) -> Outcome | None:
+        """Connect (and EHLO) if needed; a ``RelayDown`` when the relay cannot be used."""
+        client = self._client
         try:
             if not client.is_connected:
                 await client.connect()
@@ -109,24 +131,44 @@ class Connection:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
             return RelayDown(f"cannot use the relay ({type(exc).__name__}): {exc}")
-        if smtputf8 and not client.supports_extension("smtputf8"):
-            return PermFail(0, "the relay does not offer SMTPUTF8, needed for this address")
-        options = ["SMTPUTF8"] if smtputf8 else []
-        encoding = "utf-8" if smtputf8 else "ascii"  # aiosmtplib encodes addresses as ASCII
-        step = "MAIL FROM"
+        return None
+
+    async def _mail(self, sender: str, options: list[str], encoding: str) -> Outcome | None:
         try:
-            await client.mail(sender, options=options, encoding=encoding)
-            step = "RCPT TO"
+            await self._client.mail(sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code >= 500:  # our sender address or account is refused, not the recipient
+                return await self._abandon(
+                    RelayDown(f"the relay refuses our sender: {exc.code} {exc.message}")
+                )
+            return await self._abandon(self._refused("MAIL FROM", exc))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return _GONE
+        return None
+
+    async def _abandon(self, outcome: Outcome) -> Outcome:
+        """End a transaction left open by a refusal (RSET), so the connection can be reused."""
+        if self._client.is_connected and not self.broken:
+            try:
+                await self._client.rset()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                self.broken = True
+        return outcome
+
+    async def _recipient_and_data(self, recipient: str, data: bytes, encoding: str) -> Outcome:
+        client = self._client
+        try:
             await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            return self._refused(step, exc)
+            return await self._abandon(self._refused("RCPT TO", exc))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
-            return TempFail(f"connection lost at {step}: {exc}")
+            return TempFail(f"connection lost at RCPT TO: {exc}")
         try:
             response = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
-            return self._refused("DATA", exc)
+            # A refusal of the DATA verb itself (before 354) leaves the transaction open.
+            return await self._abandon(self._refused("DATA", exc))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
             return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")

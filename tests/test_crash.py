@@ -1,0 +1,412 @@
+"""kill -9 of `mailer serve` in the middle of a campaign, then a restart (G6, G1, G2).
+
+The SMTP sink lives in this test process, so it outlives the killed sender and sees every
+copy that ever reached it. `serve` runs as a real subprocess on a copy of a database holding
+1,000 confirmed subscribers of "news" and 100 people who must never get the campaign.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailer.domain.addresses import address_hash, parse_address
+from mailer.store import outbox
+from tests.harness import SinkServer, query, wait_until
+
+pytestmark = pytest.mark.slow
+
+MAILER = [sys.executable, "-m", "mailer.cli.main"]
+CONNECTIONS = 4
+CONSENTING = 1000
+REFUSING = 100
+DATA_DELAY = 0.004
+"""Seconds the sink waits before each DATA reply, so a kill lands mid-campaign."""
+WITHDRAWN = 10
+"""People whose still-queued message is suppressed while `serve` is dead."""
+INTERRUPTED = outbox.INTERRUPTED
+HASH_KEY = "SELECT value FROM instance_setting WHERE name = 'address_hash_key'"
+
+PREFETCH = 2 * CONNECTIONS
+"""Claimed rows the sender keeps buffered (``prefetch`` in mailer/bootstrap.py)."""
+
+# How many messages can one kill leave `sending` (reported failed "interrupted" at restart)?
+# (mailer/services/sending.py) A row is `sending` from the commit of the claim that reserved
+# it to the commit of its outcome. Claims are made one batch at a time into a buffer of at
+# most PREFETCH rows (a batch asks for PREFETCH minus what is still buffered); each of the C
+# send tasks holds one message taken from the buffer; the Recorder writes outcomes with one
+# write in flight at a time, and a write only waits for the next group commit of the single
+# FIFO SQLite writer. Take the last outcome write W committed before the kill: every outcome
+# handed over before W was queued is on disk, so the `sending` rows are those buffered or in a
+# task's hands when W was queued, plus rows of claims that commit after that: the one batch
+# possibly in flight then (buffered + in flight <= PREFETCH), and at most one more batch
+# (<= PREFETCH), since W's completion wakes the Recorder, which queues its next write before
+# the next claim can be queued. Hence <= C + 2 * PREFETCH. A killed process records nothing
+# more, so it leaves no `unknown` rows, and the restarted one talks to a healthy sink.
+CRASH_BOUND = CONNECTIONS + 2 * PREFETCH
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+
+
+def stamp() -> str:
+    """A timestamp the way the UTCDateTime columns store it in SQLite."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+@dataclass(frozen=True)
+class Population:
+    var_dir: Path
+    campaign_id: int
+    consenting: frozenset[str]
+    refusing: frozenset[str]
+
+
+def _mailer(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        [*MAILER, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory: pytest.TempPathFactory) -> Population:
+    """`mailer init`, list "news", 1,100 people and a draft campaign; each test copies var/."""
+    home = tmp_path_factory.mktemp("crash-template")
+    _mailer(home, "init")
+    _mailer(home, "list", "create", "news", "--name", "Crash News")
+    db = sqlite3.connect(home / "var" / "mailer.db")
+    try:
+        with db:
+            (key_hex,) = db.execute(HASH_KEY).fetchone()
+            (list_id,) = db.execute("SELECT id FROM mailing_list WHERE slug = 'news'").fetchone()
+            key = bytes.fromhex(key_hex)
+            consenting: set[str] = set()
+            refusing: set[str] = set()
+            now = stamp()
+            for i in range(CONSENTING + REFUSING):
+                email = f"reader{i:04d}@example.org"
+                hashed = address_hash(key, parse_address(email))
+                sid = db.execute(
+                    "INSERT INTO subscriber (email, email_hash, name, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (email, hashed, f"Reader {i}", now),
+                ).lastrowid
+                # Every 11th person, spread through the id range, must not get the campaign.
+                kind = i // 11 % 4 if i % 11 == 10 else None
+                status = {0: "pending", 1: "unsubscribed"}.get(-1 if kind is None else kind)
+                status = status or "confirmed"
+                db.execute(
+                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
+                    "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (sid, list_id, status, now, now, None if status == "pending" else now),
+                )
+                if kind in (2, 3):  # confirmed on the list, but suppressed
+                    reason = "unsubscribed" if kind == 2 else "bounced"
+                    db.execute(
+                        "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
+                        (hashed, reason, now),
+                    )
+                (consenting if kind is None else refusing).add(email)
+    finally:
+        db.close()
+    assert (len(consenting), len(refusing)) == (CONSENTING, REFUSING)
+    body = home / "issue.md"
+    body.write_text("# The crash issue\n\nEvery reader gets *one* copy, even if we crash.\n")
+    campaign_id = int(
+        _mailer(
+            home, "campaign", "create", "--list", "news", "--subject", "Crash", "--body", str(body)
+        )
+    )
+    return Population(home / "var", campaign_id, frozenset(consenting), frozenset(refusing))
+
+
+class DataHook:
+    """The sink's ``before_data_reply``: slows every DATA reply; can hold them, or kill.
+
+    ``hold``: each DATA reply waits for ``release`` and is then refused (never captured).
+    ``kill_pid``: the next DATA kills that process, then the sink accepts and keeps the
+    message, so its 250 goes to a dead sender.
+    """
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[str] = []
+        self.release = asyncio.Event()
+        self.kill_pid: int | None = None
+        self.killed_during: str | None = None
+
+    async def __call__(self, rcpt: str) -> str | None:
+        if self.kill_pid is not None:
+            pid, self.kill_pid = self.kill_pid, None
+            os.kill(pid, signal.SIGKILL)
+            self.killed_during = rcpt
+            return None
+        if self.hold:
+            self.held.append(rcpt)
+            await self.release.wait()
+            return "451 4.3.0 held until the sender died"
+        await asyncio.sleep(DATA_DELAY)
+        return None
+
+
+class Serve:
+    """`mailer serve` as a subprocess, its output in a file (a full pipe would stall it)."""
+
+    def __init__(self, cwd: Path, env: dict[str, str], log: Path) -> None:
+        self.cwd = cwd
+        self.env = {**env, "MAILER_HTTP_PORT": str(free_port())}
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("wb") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *MAILER, "serve", cwd=self.cwd, env=self.env, stdout=out, stderr=out
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.returncode is None, self.log.read_text()
+        return True
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout=20)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def mailer_cli(cwd: Path, env: dict[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *MAILER, *args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def outbox_rows(db_path: Path, campaign_id: int) -> list[tuple[Any, ...]]:
+    return query(
+        db_path,
+        "SELECT o.id, s.email, o.status, o.reason FROM outbox o "
+        "JOIN subscriber s ON s.id = o.subscriber_id WHERE o.campaign_id = ? AND o.kind = ?",
+        campaign_id,
+        "campaign",
+    )
+
+
+def count_status(db_path: Path, campaign_id: int, status: str) -> int:
+    return int(
+        query(
+            db_path,
+            "SELECT count(*) FROM outbox WHERE campaign_id = ? AND status = ?",
+            campaign_id,
+            status,
+        )[0][0]
+    )
+
+
+KILL_POINTS = ["right after fan-out", "30% sent", "DATA reply held", "accepted, 250 unseen"]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+async def test_kill_9_mid_campaign_then_restart(
+    kill_at: str, population: Population, sink: SinkServer, tmp_path: Path
+) -> None:
+    """After kill -9 and a restart: one copy at most per person, everyone sent or reported."""
+    shutil.copytree(population.var_dir, tmp_path / "var")
+    db_path = tmp_path / "var" / "mailer.db"
+    cid = population.campaign_id
+    hook = DataHook()
+    sink.before_data_reply = hook
+    env = {
+        **clean_env(),
+        "MAILER_SMTP_HOST": "127.0.0.1",
+        "MAILER_SMTP_PORT": str(sink.port),
+        "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
+        "MAILER_WORKER_POLL_SECONDS": "0.05",
+    }
+    first = Serve(tmp_path, env, tmp_path / "serve-1.log")
+    second = Serve(tmp_path, env, tmp_path / "serve-2.log")
+    try:
+        await first.start()
+        await mailer_cli(tmp_path, env, "campaign", "send", str(cid))
+
+        if kill_at == "right after fan-out":
+            await wait_until(
+                lambda: first.alive() and count_status(db_path, cid, "queued") > 0,
+                timeout=20,
+                what="fan-out",
+            )
+            os.kill(first.pid, signal.SIGKILL)
+        elif kill_at == "30% sent":
+            await wait_until(
+                lambda: first.alive() and len(sink.messages) >= CONSENTING * 3 // 10,
+                timeout=20,
+                what="30% captured",
+            )
+            os.kill(first.pid, signal.SIGKILL)
+        elif kill_at == "DATA reply held":
+            await wait_until(
+                lambda: first.alive() and len(sink.messages) >= CONSENTING // 3,
+                timeout=20,
+                what="a third captured",
+            )
+            hook.hold = True
+            # Every connection is inside DATA and every outcome before that is on disk, so
+            # only the held messages and the prefetched ones are left `sending`.
+            await wait_until(
+                lambda: (
+                    len(hook.held) == CONNECTIONS
+                    and count_status(db_path, cid, "sent") == len(sink.messages)
+                ),
+                timeout=10,
+                what="all connections held in DATA",
+            )
+            os.kill(first.pid, signal.SIGKILL)
+        else:
+            await wait_until(
+                lambda: first.alive() and len(sink.messages) >= CONSENTING // 5,
+                timeout=20,
+                what="a fifth captured",
+            )
+            hook.kill_pid = first.pid
+        assert await first.wait() == -signal.SIGKILL
+        hook.hold = False
+        hook.release.set()
+        copies_at_kill = len(sink.messages)
+        left_sending = count_status(db_path, cid, "sending")
+
+        # While nobody runs, a few people whose message is still queued opt out (G2).
+        queued = sorted(
+            email for _, email, status, _ in outbox_rows(db_path, cid) if status == "queued"
+        )
+        withdrawn = set(queued[:: max(1, len(queued) // WITHDRAWN)][:WITHDRAWN])
+        assert len(withdrawn) == WITHDRAWN
+        key = bytes.fromhex(query(db_path, HASH_KEY)[0][0])
+        for email in withdrawn:
+            query(
+                db_path,
+                "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
+                address_hash(key, parse_address(email)),
+                "unsubscribed",
+                stamp(),
+            )
+
+        await second.start()
+        await wait_until(
+            lambda: (
+                second.alive()
+                and query(db_path, "SELECT status FROM campaign WHERE id = ?", cid)[0][0] == "sent"
+            ),
+            timeout=30,
+            what="the campaign to finish after the restart",
+        )
+        report = json.loads(
+            await mailer_cli(tmp_path, env, "campaign", "status", str(cid), "--json")
+        )
+    finally:
+        await first.kill()
+        if second.proc is not None and second.proc.returncode is None:
+            second.proc.send_signal(signal.SIGTERM)
+            await second.wait()
+        await second.kill()
+    assert second.proc is not None and second.proc.returncode == 0
+    restart_log = second.log.read_text()
+    assert "Traceback" not in restart_log
+
+    # Copies: by Message-ID (<outbox id>.<instance>@domain) and by recipient.
+    headers = BytesHeaderParser(policy=policy.default)
+    mids = [str(headers.parsebytes(m.raw)["Message-ID"]) for m in sink.messages]
+    recipients = [m.rcpt_tos[0] for m in sink.messages]
+    assert all(len(m.rcpt_tos) == 1 for m in sink.messages)
+    dup_ids = [mid for mid, n in Counter(mids).items() if n > 1]
+    dup_people = [r for r, n in Counter(recipients).items() if n > 1]
+    assert (dup_ids, dup_people) == ([], [])
+    outbox_of = {
+        int(mid.strip("<").partition(".")[0]): r for mid, r in zip(mids, recipients, strict=True)
+    }
+
+    # Nobody without consent got a copy, before or after the crash.
+    assert set(recipients) & (population.refusing | withdrawn) == set()
+
+    rows = outbox_rows(db_path, cid)
+    by_email = {email: (oid, status, reason) for oid, email, status, reason in rows}
+    assert len(by_email) == len(rows) == CONSENTING  # fanned out once, to consenting people only
+    assert set(by_email) == population.consenting
+    for email in withdrawn:
+        assert by_email[email][1:] == ("skipped", "suppressed"), email
+
+    states = Counter(status for _, _, status, _ in rows)
+    assert states["queued"] == states["sending"] == 0
+    assert set(states) <= {"sent", "failed", "unknown", "skipped"}
+    assert states["skipped"] == WITHDRAWN
+    for _, email, status, reason in rows:
+        if status in ("failed", "unknown"):
+            assert reason, email
+    interrupted = {
+        oid for oid, _, status, reason in rows if (status, reason) == ("failed", INTERRUPTED)
+    }
+    unknown = {oid for oid, _, status, _ in rows if status == "unknown"}
+    other_failures = [r for r in rows if r[2] == "failed" and r[3] != INTERRUPTED]
+    assert other_failures == []
+
+    # What was sent is what the sink holds, except crash victims, which have 0 or 1 copy.
+    sent = {oid for oid, _, status, _ in rows if status == "sent"}
+    assert sent == set(outbox_of) - interrupted - unknown
+    for oid, email, _, _ in rows:
+        if oid in outbox_of:
+            assert outbox_of[oid] == email
+
+    # Exactly the rows the kill left `sending` (in hand or prefetched) are reported interrupted.
+    assert len(interrupted) == left_sending
+    assert unknown == set()
+    assert len(interrupted) + len(unknown) <= CRASH_BOUND
+    if interrupted:
+        assert f"outbox.interrupted count={len(interrupted)}" in restart_log
+    assert len(sink.messages) > copies_at_kill  # the restart really sent the rest
+
+    if kill_at == "DATA reply held":
+        held = {by_email[email][0] for email in hook.held}
+        assert held <= interrupted
+        assert len(interrupted - held) <= PREFETCH
+        assert interrupted.isdisjoint(outbox_of)  # no interrupted message got through
+    if kill_at == "accepted, 250 unseen":
+        assert hook.killed_during is not None
+        victim = by_email[hook.killed_during][0]
+        assert victim in interrupted
+        assert victim in outbox_of
+
+    assert report["status"] == "sent"
+    assert report["states"] == {s: states.get(s, 0) for s in report["states"]}
