@@ -915,3 +915,26 @@ async def test_batches_of_opted_out_rows_do_not_stall_the_sender(
         await wait_until(lambda: len(sink.messages) == 10, timeout=10, what="the 10 left")
     assert time.monotonic() - started < 5  # a stall would wait out the 30 s poll
     assert sorted(r for m in sink.messages for r in m.rcpt_tos) == sorted(keep)
+
+
+async def test_smtp_rate_limits_messages_per_second(tmp_path: Path, sink: SinkServer) -> None:
+    """MAILER_SMTP_RATE: with the clock frozen only the burst goes; each second adds that many."""
+    clock = MutableClock()
+    settings = make_settings(
+        tmp_path, smtp_host="127.0.0.1", smtp_port=sink.port, smtp_connections=4, smtp_rate=5
+    )
+    await init_db(settings)
+    async with open_mailer(settings, sending=True, clock=clock) as m:
+        list_id = (await m.lists.create("news", "News")).id
+        insert_people(m, {e: {list_id: "confirmed"} for e in addresses("rate", 12)})
+        cid = await m.campaigns.create("news", "Subject", "Body", "campaign")
+        await m.campaigns.send(cid)
+        await wait_until(lambda: len(sink.messages) == 5, what="the first burst")
+        await asyncio.sleep(0.3)
+        assert len(sink.messages) == 5  # the clock stands still: no more tokens
+        clock.advance(1.0)
+        await wait_until(lambda: len(sink.messages) == 10, what="one second's worth")
+        await asyncio.sleep(0.3)
+        assert len(sink.messages) == 10
+        clock.advance(1.0)
+        await wait_until(lambda: len(sink.messages) == 12, what="the rest")

@@ -97,6 +97,13 @@ def test_token_bucket() -> None:
     assert bucket.take(0.0) == pytest.approx(1.0)
     assert bucket.take(0.5) == pytest.approx(0.5)
     assert bucket.take(1.0) == 0.0
+    idle = TokenBucket(rate=2.0, burst=2.0)
+    assert [idle.wait(0.0) for _ in range(5)] == [0.0] * 5  # looking costs nothing
+    idle.spend(0.0)
+    idle.spend(0.0)
+    idle.spend(0.0)  # a debt: three taken from a burst of two
+    assert idle.wait(0.0) == pytest.approx(1.0)
+    assert idle.wait(1.0) == 0.0
     limiter = KeyedLimiter(per_minute=60)
     assert all(limiter.take("a", 0.0) == 0.0 for _ in range(120))
     assert limiter.take("a", 0.0) > 0

@@ -15,15 +15,27 @@ class TokenBucket:
     def __post_init__(self) -> None:
         self._tokens = self.burst
 
-    def take(self, now: float) -> float:
-        """Take one token. Return 0.0 on success, else the seconds until one is available."""
+    def _refill(self, now: float) -> None:
         if self._stamp is not None:
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if self._tokens >= 1.0:
+
+    def take(self, now: float) -> float:
+        """Take one token. Return 0.0 on success, else the seconds until one is available."""
+        wait = self.wait(now)
+        if wait == 0.0:
             self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
+        return wait
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0.0: now), without taking it."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+
+    def spend(self, now: float) -> None:
+        """Take one token even if none is left (the debt delays the next ``wait``)."""
+        self._refill(now)
+        self._tokens -= 1.0
 
 
 class KeyedLimiter:

@@ -141,7 +141,7 @@ class Sender:
         if now < self._relay_closed_until:
             return self._relay_closed_until - now
         if self._bucket is not None:
-            return self._bucket.take(now)
+            return self._bucket.wait(now)  # spent only when a message is really taken
         return 0.0
 
     async def send_one(self) -> bool:
@@ -150,6 +150,8 @@ class Sender:
             message = await self._next()
             if message is None:
                 return False
+            if self._bucket is not None:
+                self._bucket.spend(self._clock.monotonic())
             checked = self._clock.monotonic()
             verdict = await self._check(message)
             if verdict is not None:
