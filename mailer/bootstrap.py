@@ -10,10 +10,12 @@ from mailer.domain.tokens import TokenCodec
 from mailer.render import Renderer
 from mailer.services.apikeys import ApiKeys
 from mailer.services.campaigns import Campaigns
+from mailer.services.importing import Importer
 from mailer.services.lists import Lists
 from mailer.services.messages import MessageConfig, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.people import People
+from mailer.services.policy import Policy
 from mailer.services.ports import Clock, SystemClock
 from mailer.services.scheduling import Scheduler
 from mailer.services.sending import Sender, SendPolicy
@@ -39,6 +41,8 @@ class Mailer:
     consent: Subscriptions
     people: People
     campaigns: Campaigns
+    policy: Policy
+    imports: Importer
     worker: Worker | None = None
     capture: CaptureServer | None = None
 
@@ -95,7 +99,9 @@ async def open_mailer(
             renderer,
             codec,
             clock,
-            MessageConfig(settings.base_url, settings.from_addr, secrets.instance_id),
+            MessageConfig(
+                settings.base_url, settings.from_addr, secrets.instance_id, settings.org_name
+            ),
         )
 
         consent = Subscriptions(
@@ -107,6 +113,9 @@ async def open_mailer(
             timedelta(minutes=settings.confirm_resend_minutes),
             on_enqueued=wake_senders,
         )
+        campaign_service = Campaigns(
+            db, clock, renderer, factory, secrets.hash_key, on_change=campaigns_changed
+        )
         mailer = Mailer(
             settings=settings,
             db=db,
@@ -116,9 +125,15 @@ async def open_mailer(
             lists=Lists(db, clock),
             api_keys=ApiKeys(db, clock),
             consent=consent,
-            people=People(db, clock, consent),
-            campaigns=Campaigns(
-                db, clock, renderer, factory, secrets.hash_key, on_change=campaigns_changed
+            people=People(db, clock, consent, captured=settings.outbox_dir),
+            campaigns=campaign_service,
+            policy=Policy(db, clock, campaign_service, on_change=campaigns_changed),
+            imports=Importer(
+                db,
+                secrets.hash_key,
+                clock,
+                timedelta(minutes=settings.confirm_resend_minutes),
+                on_enqueued=wake_senders,
             ),
         )
         if sending:

@@ -4,7 +4,7 @@ Timestamps are aware UTC. Statuses are plain strings in the database (portable, 
 types to migrate); ``mailer.statuses`` holds the only values code writes.
 """
 
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import Column, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -102,12 +102,18 @@ class ApiKey(SQLModel, table=True):
 
 
 class Campaign(SQLModel, table=True):
-    """A newsletter to one list. The Markdown body is data, never a template."""
+    """A newsletter to one list, or a policy announcement to every confirmed person (no list).
+
+    The Markdown body is data, never a template.
+    """
 
     __tablename__ = "campaign"
 
     id: int | None = Field(default=None, primary_key=True)
-    list_id: int = Field(foreign_key="mailing_list.id", ondelete="CASCADE", index=True)
+    kind: str = Field(default="newsletter", max_length=16)
+    list_id: int | None = Field(
+        default=None, foreign_key="mailing_list.id", ondelete="CASCADE", index=True
+    )
     subject: str = Field(max_length=998)
     body: str = Field(sa_column=Column(Text, nullable=False))
     template: str = Field(default="campaign", max_length=64)
@@ -120,6 +126,20 @@ class Campaign(SQLModel, table=True):
     updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class PolicyVersion(SQLModel, table=True):
+    """A published version of the privacy policy; it applies from ``effective_on``, never before."""
+
+    __tablename__ = "policy_version"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version: str = Field(sa_column=Column(String(64), unique=True, nullable=False))
+    effective_on: date
+    summary: str = Field(sa_column=Column(Text, nullable=False))
+    url: str | None = Field(default=None, max_length=2000)
+    published_at: datetime
+    campaign_id: int | None = Field(default=None, foreign_key="campaign.id", ondelete="SET NULL")
 
 
 class Outbox(SQLModel, table=True):

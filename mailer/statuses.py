@@ -49,3 +49,8 @@ class CampaignStatus(StrEnum):
     PAUSED = "paused"
     SENT = "sent"
     CANCELLED = "cancelled"
+
+
+class CampaignKind(StrEnum):
+    NEWSLETTER = "newsletter"
+    ANNOUNCEMENT = "announcement"

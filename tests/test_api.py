@@ -23,6 +23,8 @@ API = "/api/v1/subscriptions"
 Client = TestClient[Any, Any]
 STAFF = Evidence(channel="cli", actor="tests")
 
+STAFF_EXPORT = Evidence(channel="cli", actor="cli:tests")
+
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -536,14 +538,16 @@ async def test_api_opt_in_evidence_in_the_ledger(
     await accepted(r)
     assert (await opt_out(client, api_key, "bob@example.org")).status == 200
 
-    [ann] = (await mailer.people.export("ann@example.org"))["consent_events"]
+    [ann] = (await mailer.people.export("ann@example.org", STAFF_EXPORT))["consent_events"]
     assert ann["event"] == "opt-in-requested"
     assert ann["channel"] == "api"
     assert ann["actor"].startswith("api-key:tests")
     assert "signup-form" in ann["actor"]
     assert (ann["ip"], ann["user_agent"]) == ("203.0.113.7", "PersonBrowser/1.0")
 
-    bob_in, bob_out = (await mailer.people.export("bob@example.org"))["consent_events"]
+    bob_in, bob_out = (await mailer.people.export("bob@example.org", STAFF_EXPORT))[
+        "consent_events"
+    ]
     assert (bob_in["channel"], bob_in["actor"]) == ("api", "api-key:tests")
     # X-Forwarded-For is not believed from a peer outside MAILER_TRUSTED_PROXIES.
     assert (bob_in["ip"], bob_in["user_agent"]) == ("127.0.0.1", "Service/2.0")
@@ -566,7 +570,9 @@ async def test_confirmation_request_has_no_submitter_text(
     r = await opt_in(client, api_key, "ann@example.org", name=name, source="https://evil2.example")
     await accepted(r)
     await next_message(sink, "ann@example.org", 0)
-    assert (await mailer.people.export("ann@example.org"))["subscriber"]["name"] == name
+    assert (await mailer.people.export("ann@example.org", STAFF_EXPORT))["subscriber"][
+        "name"
+    ] == name
     message = sink.to("ann@example.org")[0].message
     text = message.get_body(("plain",))
     html = message.get_body(("html",))

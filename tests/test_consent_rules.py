@@ -24,7 +24,7 @@ WINDOW = timedelta(minutes=10)
 NO_HISTORY = RequestHistory(None, 0)
 
 
-@pytest.mark.parametrize("kind", [MessageKind.CAMPAIGN, MessageKind.ANNOUNCEMENT])
+@pytest.mark.parametrize("kind", [MessageKind.CAMPAIGN, MessageKind.PREVIEW])
 def test_list_mail_needs_confirmed_and_unsuppressed(kind: MessageKind) -> None:
     """G1: only a confirmed, unsuppressed subscription may receive list mail."""
     assert may_send(kind, C, None) is None
@@ -33,6 +33,15 @@ def test_list_mail_needs_confirmed_and_unsuppressed(kind: MessageKind) -> None:
     assert may_send(kind, U, None) is SkipReason.UNSUBSCRIBED
     for reason in ALL_REASONS:
         assert may_send(kind, C, reason) is SkipReason.SUPPRESSED
+
+
+def test_announcement_needs_a_confirmed_subscription_anywhere() -> None:
+    """A policy announcement goes to anyone confirmed on some list and not suppressed."""
+    a = MessageKind.ANNOUNCEMENT
+    assert may_send(a, None, None, confirmed_anywhere=True) is None
+    assert may_send(a, None, None, confirmed_anywhere=False) is SkipReason.NOT_CONFIRMED
+    for reason in ALL_REASONS:
+        assert may_send(a, None, reason, confirmed_anywhere=True) is SkipReason.SUPPRESSED
 
 
 def test_confirmation_request_rules() -> None:

@@ -8,6 +8,7 @@ copy that ever reached it. `serve` runs as a real subprocess on a copy of a data
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -410,3 +411,241 @@ async def test_kill_9_mid_campaign_then_restart(
 
     assert report["status"] == "sent"
     assert report["states"] == {s: states.get(s, 0) for s in report["states"]}
+
+
+# --- Policy announcement (issue 4): one copy per person, not per list, across a kill -9 ---
+
+LISTS = 5
+PEOPLE = 600
+UNSUBSCRIBED_ALL = 60
+PENDING_ONLY = 40
+SUPPRESSED = 40
+ELIGIBLE = PEOPLE - UNSUBSCRIBED_ALL - PENDING_ONLY - SUPPRESSED
+SUBSCRIPTIONS = "SELECT * FROM subscription ORDER BY id"
+SETUP = """
+import sys
+from mailer.cli.main import main
+codes = [main(["init"])]
+codes += [main(["list", "create", f"topic{i}", "--name", f"Topic {i}"]) for i in range(1, 6)]
+sys.exit(max(codes))
+"""
+"""`mailer init` and five `mailer list create` in one interpreter (each start costs ~1 s)."""
+
+
+@dataclass(frozen=True)
+class People:
+    var_dir: Path
+    eligible: frozenset[str]
+    ineligible: dict[str, str]
+    """Address -> why it must get no announcement."""
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory: pytest.TempPathFactory) -> People:
+    """600 people on one to five of five lists; 140 of them must get no announcement."""
+    home = tmp_path_factory.mktemp("announce-template")
+    done = subprocess.run(
+        [sys.executable, "-c", SETUP],
+        cwd=home,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rng = random.Random(4)
+    kinds = (
+        ["unsubscribed-from-all"] * UNSUBSCRIBED_ALL
+        + ["pending-only"] * PENDING_ONLY
+        + ["suppressed"] * SUPPRESSED
+        + ["eligible"] * ELIGIBLE
+    )
+    rng.shuffle(kinds)  # spread every kind through the subscriber-id range
+    reasons = ["unsubscribed", "bounced", "complained", "manual"]
+    eligible: set[str] = set()
+    ineligible: dict[str, str] = {}
+    on_all_lists = 0
+    db = sqlite3.connect(home / "var" / "mailer.db")
+    try:
+        with db:
+            (key_hex,) = db.execute(HASH_KEY).fetchone()
+            key = bytes.fromhex(key_hex)
+            list_ids = [r[0] for r in db.execute("SELECT id FROM mailing_list ORDER BY id")]
+            assert len(list_ids) == LISTS
+            now = stamp()
+            for i, kind in enumerate(kinds):
+                email = f"person{i:04d}@example.net"
+                hashed = address_hash(key, parse_address(email))
+                sid = db.execute(
+                    "INSERT INTO subscriber (email, email_hash, name, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (email, hashed, f"Person {i}", now),
+                ).lastrowid
+                mine = rng.sample(list_ids, rng.randint(1, LISTS))
+                on_all_lists += len(mine) == LISTS
+                if kind == "unsubscribed-from-all":
+                    statuses = ["unsubscribed"] * len(mine)
+                elif kind == "pending-only":
+                    statuses = ["pending"] * len(mine)
+                else:  # confirmed on at least one list; the others in any state
+                    statuses = ["confirmed"] + [
+                        rng.choice(["confirmed", "pending", "unsubscribed"]) for _ in mine[1:]
+                    ]
+                for list_id, status in zip(mine, statuses, strict=True):
+                    db.execute(
+                        "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
+                        "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (sid, list_id, status, now, now, None if status == "pending" else now),
+                    )
+                if kind == "suppressed":
+                    db.execute(
+                        "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
+                        (hashed, reasons[i % len(reasons)], now),
+                    )
+                if kind == "eligible":
+                    eligible.add(email)
+                else:
+                    ineligible[email] = kind
+    finally:
+        db.close()
+    assert (len(eligible), len(ineligible)) == (ELIGIBLE, PEOPLE - ELIGIBLE)
+    assert on_all_lists > 50  # many people could get five copies if fan-out went per list
+    return People(home / "var", frozenset(eligible), ineligible)
+
+
+class GatedHook(DataHook):
+    """A :class:`DataHook` whose DATA replies wait until ``go`` is set.
+
+    The running `serve` starts the announcement as soon as `policy publish` commits; the gate
+    keeps every copy uncaptured until the test is watching, so the kill lands mid-send.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def __call__(self, rcpt: str) -> str | None:
+        await self.go.wait()
+        return await super().__call__(rcpt)
+
+
+async def test_kill_9_mid_announcement_then_restart(
+    people: People, sink: SinkServer, tmp_path: Path
+) -> None:
+    """A policy announcement killed at 30% reaches each eligible person once, nobody else."""
+    shutil.copytree(people.var_dir, tmp_path / "var")
+    db_path = tmp_path / "var" / "mailer.db"
+    subscriptions_before = query(db_path, SUBSCRIPTIONS)
+    summary = tmp_path / "changes.md"
+    summary.write_text("# What changes\n\nWe now keep delivery logs for 90 days, not 180.\n")
+    version = "2026-crash"
+    hook = GatedHook()
+    sink.before_data_reply = hook
+    env = {
+        **clean_env(),
+        "MAILER_SMTP_HOST": "127.0.0.1",
+        "MAILER_SMTP_PORT": str(sink.port),
+        "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
+        "MAILER_WORKER_POLL_SECONDS": "0.05",
+    }
+    first = Serve(tmp_path, env, tmp_path / "serve-1.log")
+    second = Serve(tmp_path, env, tmp_path / "serve-2.log")
+    try:
+        await first.start()
+        today = datetime.now(UTC).date().isoformat()
+        said = await mailer_cli(
+            tmp_path,
+            env,
+            *("policy", "publish", "--version", version),
+            *("--effective", today, "--summary", str(summary)),
+        )
+        (cid,) = query(
+            db_path, "SELECT campaign_id FROM policy_version WHERE version = ?", version
+        )[0]
+        assert f"announcement is campaign {cid} " in said
+        hook.go.set()
+        await wait_until(
+            lambda: first.alive() and len(sink.messages) >= ELIGIBLE * 3 // 10,
+            timeout=20,
+            what="30% of the announcement captured",
+        )
+        os.kill(first.pid, signal.SIGKILL)
+        assert await first.wait() == -signal.SIGKILL
+        copies_at_kill = len(sink.messages)
+        left_sending = count_status(db_path, cid, "sending")
+        assert copies_at_kill < ELIGIBLE  # the kill really landed mid-send
+
+        await second.start()
+        await wait_until(
+            lambda: (
+                second.alive()
+                and query(db_path, "SELECT status FROM campaign WHERE id = ?", cid)[0][0] == "sent"
+            ),
+            timeout=30,
+            what="the announcement to finish after the restart",
+        )
+        report = json.loads(
+            await mailer_cli(tmp_path, env, "campaign", "status", str(cid), "--json")
+        )
+    finally:
+        await first.kill()
+        if second.proc is not None and second.proc.returncode is None:
+            second.proc.send_signal(signal.SIGTERM)
+            await second.wait()
+        await second.kill()
+    assert second.proc is not None and second.proc.returncode == 0
+    restart_log = second.log.read_text()
+    assert "Traceback" not in restart_log
+
+    # Copies: by Message-ID (<outbox id>.<instance>@domain) and by recipient.
+    headers = BytesHeaderParser(policy=policy.default)
+    parsed = [headers.parsebytes(m.raw) for m in sink.messages]
+    mids = [str(h["Message-ID"]) for h in parsed]
+    recipients = [m.rcpt_tos[0] for m in sink.messages]
+    assert all(len(m.rcpt_tos) == 1 for m in sink.messages)
+    assert all(version in str(h["Subject"]) for h in parsed)
+    dup_ids = [mid for mid, n in Counter(mids).items() if n > 1]
+    dup_people = [r for r, n in Counter(recipients).items() if n > 1]
+    assert (dup_ids, dup_people) == ([], [])
+    outbox_of = {
+        int(mid.strip("<").partition(".")[0]): r for mid, r in zip(mids, recipients, strict=True)
+    }
+
+    # Nobody who is unsubscribed everywhere, only pending, or suppressed got a copy.
+    assert {r: people.ineligible[r] for r in recipients if r in people.ineligible} == {}
+    assert set(recipients) <= people.eligible
+
+    # One announcement row per eligible person (not per list), none for anyone else.
+    rows = query(
+        db_path,
+        "SELECT o.id, s.email, o.kind, o.list_id, o.status, o.reason FROM outbox o "
+        "JOIN subscriber s ON s.id = o.subscriber_id WHERE o.campaign_id = ?",
+        cid,
+    )
+    assert {(kind, list_id) for _, _, kind, list_id, _, _ in rows} == {("announcement", None)}
+    by_email = {email: (oid, status, reason) for oid, email, _, _, status, reason in rows}
+    assert len(by_email) == len(rows) == ELIGIBLE
+    assert set(by_email) == people.eligible
+    assert query(db_path, "SELECT count(*) FROM outbox")[0][0] == ELIGIBLE
+
+    # Every row is terminal: sent with its one copy, or interrupted by the kill (0 or 1 copy).
+    states = Counter((status, reason) for _, status, reason in by_email.values())
+    assert set(states) <= {("sent", None), ("failed", INTERRUPTED)}, states
+    sent = {oid for oid, status, _ in by_email.values() if status == "sent"}
+    interrupted = {oid for oid, status, _ in by_email.values() if status == "failed"}
+    assert sent == set(outbox_of) - interrupted
+    for email, (oid, _, _) in by_email.items():
+        if oid in outbox_of:
+            assert outbox_of[oid] == email
+    assert len(interrupted) == left_sending <= CRASH_BOUND
+    if interrupted:
+        assert f"outbox.interrupted count={len(interrupted)}" in restart_log
+    assert len(sink.messages) > copies_at_kill  # the restart really sent the rest
+
+    # An announcement never changes anyone's subscriptions.
+    assert query(db_path, SUBSCRIPTIONS) == subscriptions_before
+
+    assert report["status"] == "sent"
+    assert report["states"] == {
+        s: sum(n for (status, _), n in states.items() if status == s) for s in report["states"]
+    }

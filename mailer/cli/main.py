@@ -7,7 +7,17 @@ import traceback
 import typer
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailer.cli import apikeys, campaigns, ledger, lists, server, subscribers, suppression
+from mailer.cli import (
+    apikeys,
+    campaigns,
+    doctor,
+    ledger,
+    lists,
+    policy,
+    server,
+    subscribers,
+    suppression,
+)
 from mailer.cli.output import fail_line
 from mailer.errors import MailerError
 
@@ -22,12 +32,14 @@ app.command("init")(server.init)
 app.command("serve")(server.serve)
 app.command("worker")(server.worker)
 app.add_typer(server.db_app, name="db")
+app.command("doctor")(doctor.doctor)
 app.add_typer(lists.app, name="list")
 app.add_typer(apikeys.app, name="apikey")
 app.add_typer(subscribers.app, name="subscriber")
 app.add_typer(suppression.app, name="suppression")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(campaigns.app, name="campaign")
+app.add_typer(policy.app, name="policy")
 
 
 def _fail(message: str, code: int = 1) -> int:

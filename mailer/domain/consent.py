@@ -21,14 +21,23 @@ class SkipReason(StrEnum):
 
 
 def may_send(
-    kind: MessageKind, subscription: str | None, suppression: str | None
+    kind: MessageKind,
+    subscription: str | None,
+    suppression: str | None,
+    confirmed_anywhere: bool = False,
 ) -> SkipReason | None:
     """The send-time check (G1/G2): ``None`` when the message may go, else why not.
 
     A confirmation request goes only while its subscription is pending, and never over a
-    suppression the person cannot lift themselves (bounce, complaint, manual). Every other
-    message needs a confirmed subscription and no suppression at all.
+    suppression the person cannot lift themselves (bounce, complaint, manual). A policy
+    announcement needs a confirmed subscription to *some* list (``confirmed_anywhere``) and
+    no suppression. Every other message needs a confirmed subscription to its own list and
+    no suppression at all.
     """
+    if kind is MessageKind.ANNOUNCEMENT:
+        if suppression is not None:
+            return SkipReason.SUPPRESSED
+        return None if confirmed_anywhere else SkipReason.NOT_CONFIRMED
     if kind is MessageKind.CONFIRM:
         if subscription != SubscriptionStatus.PENDING:
             return SkipReason.NO_LONGER_PENDING

@@ -8,8 +8,8 @@ Create Date: ${create_date}
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlmodel.sql import sqltypes  # noqa: F401  (autogenerate writes sqltypes.*)
 from alembic import op
+from sqlmodel.sql import sqltypes  # noqa: F401  (autogenerate may write sqltypes.*)
 ${imports if imports else ""}
 
 revision: str = ${repr(up_revision)}

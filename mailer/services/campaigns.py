@@ -16,10 +16,11 @@ from mailer.errors import Conflict, InvalidInput, NotFound
 from mailer.render import Renderer
 from mailer.services.messages import MessageFactory
 from mailer.services.ports import Clock
-from mailer.statuses import CampaignStatus, MessageKind
+from mailer.statuses import CampaignKind, CampaignStatus, MessageKind
 from mailer.store import campaigns, lists, outbox, people, suppression
 from mailer.store.campaigns import CampaignRow
 from mailer.store.db import Database
+from mailer.store.lists import ListRow
 from mailer.store.outbox import Claimed
 
 MAX_SUBJECT = 250
@@ -71,6 +72,34 @@ class Campaigns:
 
     async def create(self, list_slug: str, subject: str, body: str, template: str) -> int:
         """Create a draft; refuse a subject, body or template that could not be sent as is."""
+        found = await self._db.read(lists.by_slug, list_slug)
+        if found is None:
+            raise NotFound(f"no list named {list_slug!r}")
+        draft = self.checked_draft(subject, body, template, found)
+        now = self._clock.now()
+
+        def tx(conn: Connection) -> int:
+            target = lists.by_slug(conn, list_slug)
+            if target is None:
+                raise NotFound(f"no list named {list_slug!r}")
+            return campaigns.create(
+                conn,
+                list_id=target.id,
+                subject=draft.subject,
+                body=body,
+                template=template,
+                now=now,
+            )
+
+        return await self._db.write(tx)
+
+    def checked_draft(
+        self, subject: str, body: str, template: str, target: ListRow | None
+    ) -> CampaignRow:
+        """An unsaved draft that has passed every check, the G3 render included.
+
+        ``target`` is the list; ``None`` makes a policy announcement (to every person).
+        """
         subject = subject.strip()
         if not subject or len(subject) > MAX_SUBJECT or _CONTROL.search(subject):
             raise InvalidInput(f"the subject must be 1-{MAX_SUBJECT} characters on one line")
@@ -80,41 +109,29 @@ class Campaigns:
             raise InvalidInput(f"the body is longer than {MAX_BODY} characters")
         if not TEMPLATE_NAME.fullmatch(template) or not self._renderer.has_email(template):
             raise InvalidInput(f"no email template named {template!r} in templates/email/")
-        now = self._clock.now()
-        found = await self._db.read(lists.by_slug, list_slug)
-        if found is None:
-            raise NotFound(f"no list named {list_slug!r}")
         draft = CampaignRow(
             id=0,
-            list_id=found.id,
-            list_slug=found.slug,
-            list_name=found.name,
-            list_uid=found.uid,
-            list_from=found.from_addr,
+            list_id=None if target is None else target.id,
+            list_slug=None if target is None else target.slug,
+            list_name=None if target is None else target.name,
+            list_uid=None if target is None else target.uid,
+            list_from=None if target is None else target.from_addr,
             subject=subject,
             body=body,
             template=template,
             status=CampaignStatus.DRAFT.value,
             scheduled_at=None,
             fanout_done=False,
-            created_at=now,
+            created_at=self._clock.now(),
             started_at=None,
             finished_at=None,
+            kind=(CampaignKind.NEWSLETTER if target else CampaignKind.ANNOUNCEMENT).value,
         )
         try:
             self.sample(draft)  # G3: refuse it now, before anything is stored
         except TemplateError as exc:
             raise InvalidInput(f"template {template!r} cannot render a campaign: {exc}") from None
-
-        def tx(conn: Connection) -> int:
-            target = lists.by_slug(conn, list_slug)
-            if target is None:
-                raise NotFound(f"no list named {list_slug!r}")
-            return campaigns.create(
-                conn, list_id=target.id, subject=subject, body=body, template=template, now=now
-            )
-
-        return await self._db.write(tx)
+        return draft
 
     async def get(self, campaign_id: int) -> CampaignRow:
         return await self._db.read(campaigns.get, campaign_id)
@@ -148,6 +165,11 @@ class Campaigns:
 
         def tx(conn: Connection) -> None:
             campaign = campaigns.get(conn, campaign_id)
+            if campaign.list_id is None:
+                raise InvalidInput(
+                    "an announcement goes to everyone at once; print it with "
+                    "`mailer campaign preview ID` instead"
+                )
             person = people.by_hash(conn, subject)
             status = (
                 None
@@ -177,6 +199,8 @@ class Campaigns:
 
     async def audience(self, campaign_id: int) -> dict[str, int]:
         campaign = await self.get(campaign_id)
+        if campaign.list_id is None:
+            return await self._db.read(campaigns.audience_people)
         return await self._db.read(campaigns.audience, campaign.list_id)
 
     async def schedule(self, campaign_id: int, at: datetime) -> None:

@@ -25,6 +25,7 @@ class MessageConfig:
     base_url: str
     from_addr: str
     instance_id: str
+    org_name: str = "mailer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,17 +110,22 @@ class MessageFactory:
             if prepared.skeleton.fits(values):
                 return Built(prepared.skeleton.fill(values), smtputf8, prepared.sender)
         rendered = self._render_campaign(campaign, unsubscribe)
-        envelope = self._envelope(
-            m, prepared.sender, campaign.list_name, campaign.list_slug, unsubscribe
-        )
+        name, slug = self._identity(campaign)
+        envelope = self._envelope(m, prepared.sender, name, slug, unsubscribe)
         return Built(compose(envelope, rendered), envelope.smtputf8, prepared.sender)
+
+    def _identity(self, campaign: CampaignRow) -> tuple[str, str]:
+        """Display name and List-Id label: the list's, or the organisation's for announcements."""
+        if campaign.list_name is None or campaign.list_slug is None:
+            return self._config.org_name, "announcements"
+        return campaign.list_name, campaign.list_slug
 
     def _render_campaign(self, campaign: CampaignRow, unsubscribe: str) -> Rendered:
         return self._renderer.email(
             campaign.template,
             campaign.subject,
             {
-                "list_name": campaign.list_name,
+                "list_name": self._identity(campaign)[0],
                 "body_text": campaign.body,
                 "body_html": Markup(self._renderer.markdown(campaign.body)),  # noqa: S704
                 "unsubscribe_url": unsubscribe,
@@ -149,11 +155,12 @@ class MessageFactory:
             "unsub": placeholder("unsub", length),
         }
         rendered = self._render_campaign(campaign, slots["unsub"])
+        name, slug = self._identity(campaign)
         envelope = Envelope(
-            from_name=campaign.list_name,
+            from_name=name,
             from_addr=sender,
             to_addr=f"{slots['to']}@skeleton.invalid",
-            list_id=list_id_header(campaign.list_name, campaign.list_slug, domain),
+            list_id=list_id_header(name, slug, domain),
             unsubscribe_url=slots["unsub"],
             message_id=f"<{slots['mid']}@{domain}>",
             date=DATE_SENTINEL,

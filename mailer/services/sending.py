@@ -199,13 +199,17 @@ class Sender:
         now = self._clock.now()
         if row is None:  # the person was erased since the claim, and the row with them
             return Outcome(message.outbox_id, OutboxStatus.SKIPPED, "erased", None)
-        subscription, suppressed, campaign_status = row
-        if message.kind is MessageKind.CAMPAIGN and campaign_status != CampaignStatus.RUNNING:
+        subscription, suppressed, campaign_status, confirmed_anywhere = row
+        if (
+            message.campaign_id is not None
+            and message.kind is not MessageKind.PREVIEW
+            and (campaign_status != CampaignStatus.RUNNING)
+        ):
             if campaign_status == CampaignStatus.PAUSED:  # back to the queue, uncharged
                 return Outcome(message.outbox_id, OutboxStatus.QUEUED, None, now, False, None, now)
             reason = str(campaign_status)
             return Outcome(message.outbox_id, OutboxStatus.SKIPPED, reason, None, True, None, now)
-        skip = may_send(message.kind, subscription, suppressed)
+        skip = may_send(message.kind, subscription, suppressed, bool(confirmed_anywhere))
         if skip is None:
             return None
         self._metrics.messages.labels(message.kind.value, "skipped").inc()

@@ -4,23 +4,42 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer.domain.lifecycle import check_transition
 from mailer.errors import NotFound
-from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus, SubscriptionStatus
+from mailer.statuses import (
+    CampaignKind,
+    CampaignStatus,
+    MessageKind,
+    OutboxStatus,
+    SubscriptionStatus,
+)
+from mailer.store.outbox import CAMPAIGN_KINDS
 from mailer.store.tables import campaigns as t
 from mailer.store.tables import lists, outbox, subscribers, subscriptions, suppressions
 
 
 @dataclass(frozen=True, slots=True)
 class CampaignRow:
+    """A campaign with its list; an announcement has no list (the ``list_*`` fields are None)."""
+
     id: int
-    list_id: int
-    list_slug: str
-    list_name: str
-    list_uid: str
+    list_id: int | None
+    list_slug: str | None
+    list_name: str | None
+    list_uid: str | None
     list_from: str | None
     subject: str
     body: str
@@ -31,6 +50,11 @@ class CampaignRow:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    kind: str = CampaignKind.NEWSLETTER.value
+
+    @property
+    def is_announcement(self) -> bool:
+        return self.kind == CampaignKind.ANNOUNCEMENT
 
 
 _COLS = (
@@ -49,6 +73,7 @@ _COLS = (
     t.c.created_at,
     t.c.started_at,
     t.c.finished_at,
+    t.c.kind,
 )
 
 
@@ -56,16 +81,24 @@ def _row(values: tuple[Any, ...]) -> CampaignRow:
     return CampaignRow(*values)
 
 
-_SELECT = select(*_COLS).join(lists, lists.c.id == t.c.list_id)
+_SELECT = select(*_COLS).outerjoin(lists, lists.c.id == t.c.list_id)
 _BY_ID = _SELECT.where(t.c.id == bindparam("cid"))
 _STATUS = select(t.c.status).where(t.c.id == bindparam("cid"))
 _INSERT = insert(t)
 
 
 def create(
-    conn: Connection, *, list_id: int, subject: str, body: str, template: str, now: datetime
+    conn: Connection,
+    *,
+    list_id: int | None,
+    subject: str,
+    body: str,
+    template: str,
+    now: datetime,
+    kind: CampaignKind = CampaignKind.NEWSLETTER,
 ) -> int:
     values = {
+        "kind": kind.value,
         "list_id": list_id,
         "subject": subject,
         "body": body,
@@ -165,13 +198,15 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
     are queued here; the send-time check decides again for each message.
     """
     row = conn.execute(
-        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status).where(
+        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind).where(
             t.c.id == campaign_id
         )
     ).one()
-    list_id, cursor, done = int(row[0]), int(row[1]), bool(row[2])
+    list_id, cursor, done = row[0], int(row[1]), bool(row[2])
     if done or row[3] != CampaignStatus.RUNNING:  # cancelled or paused since the caller looked
         return 0, done
+    if row[4] == CampaignKind.ANNOUNCEMENT:
+        return _fan_out_people(conn, campaign_id, cursor, chunk, now)
     params = {"lid": list_id, "cursor": cursor, "chunk": chunk}
     last, count = conn.execute(_CHUNK_END, params).one()
     if count:
@@ -204,11 +239,61 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
     return int(count), finished
 
 
+_PEOPLE = (
+    select(subscriptions.c.subscriber_id)
+    .join(subscribers, subscribers.c.id == subscriptions.c.subscriber_id)
+    .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+    .where(
+        subscriptions.c.status == SubscriptionStatus.CONFIRMED.value,
+        suppressions.c.email_hash.is_(None),
+        subscriptions.c.subscriber_id > bindparam("cursor"),
+    )
+    .group_by(subscriptions.c.subscriber_id)
+    .order_by(subscriptions.c.subscriber_id)
+    .limit(bindparam("chunk"))
+)
+"""Every person confirmed on at least one list and not suppressed, once each."""
+
+
+def _fan_out_people(
+    conn: Connection, campaign_id: int, cursor: int, chunk: int, now: datetime
+) -> tuple[int, bool]:
+    """The announcement fan-out: one message per person, not per list."""
+    params = {"cursor": cursor, "chunk": chunk}
+    people = _PEOPLE.subquery()
+    last, count = conn.execute(select(func.max(people.c.subscriber_id), func.count()), params).one()
+    if count:
+        source = select(
+            literal(MessageKind.ANNOUNCEMENT.value),
+            literal(campaign_id),
+            literal(None, outbox.c.list_id.type),
+            people.c.subscriber_id,
+            literal(OutboxStatus.QUEUED.value),
+            literal(0),
+            literal(now, outbox.c.next_attempt_at.type),
+            literal(None, outbox.c.checked_at.type),
+            literal(now, outbox.c.created_at.type),
+            literal(now, outbox.c.updated_at.type),
+        ).where(true())  # SQLite parses INSERT ... SELECT ... ON CONFLICT only with a WHERE
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        conn.execute(
+            dialect_insert(outbox).from_select(_FANOUT_COLUMNS, source).on_conflict_do_nothing(),
+            params,
+        )
+    finished = count < chunk
+    conn.execute(
+        update(t)
+        .where(t.c.id == campaign_id)
+        .values(fanout_cursor=last if count else cursor, fanout_done=finished, updated_at=now)
+    )
+    return int(count), finished
+
+
 _OPEN = select(
     exists().where(
         outbox.c.campaign_id == bindparam("cid"),
         outbox.c.status.in_([OutboxStatus.QUEUED.value, OutboxStatus.SENDING.value]),
-        outbox.c.kind == MessageKind.CAMPAIGN.value,
+        outbox.c.kind.in_(CAMPAIGN_KINDS),
     )
 )
 
@@ -239,7 +324,7 @@ def skip_queued(conn: Connection, campaign_id: int, reason: str, limit: int, now
         select(outbox.c.id)
         .where(
             outbox.c.campaign_id == campaign_id,
-            outbox.c.kind == MessageKind.CAMPAIGN.value,
+            outbox.c.kind.in_(CAMPAIGN_KINDS),
             outbox.c.status == OutboxStatus.QUEUED.value,
         )
         .limit(limit)
@@ -257,7 +342,7 @@ def progress(conn: Connection, campaign_id: int) -> dict[str, dict[str, int]]:
     """Counts per outbox state and, for the unhappy states, per reason."""
     q = (
         select(outbox.c.status, outbox.c.reason, func.count())
-        .where(outbox.c.campaign_id == campaign_id, outbox.c.kind == MessageKind.CAMPAIGN.value)
+        .where(outbox.c.campaign_id == campaign_id, outbox.c.kind.in_(CAMPAIGN_KINDS))
         .group_by(outbox.c.status, outbox.c.reason)
     )
     states: dict[str, int] = {s.value: 0 for s in OutboxStatus}
@@ -296,4 +381,25 @@ def audience(conn: Connection, list_id: int) -> dict[str, int]:
         else:
             key = status
         counts[key] = counts.get(key, 0) + int(n)
+    return counts
+
+
+def audience_people(conn: Connection) -> dict[str, int]:
+    """Who a policy announcement would reach now: people confirmed on any list, by reason."""
+    confirmed = (
+        select(subscriptions.c.subscriber_id)
+        .where(subscriptions.c.status == SubscriptionStatus.CONFIRMED.value)
+        .group_by(subscriptions.c.subscriber_id)
+        .subquery()
+    )
+    q = (
+        select(suppressions.c.reason, func.count())
+        .select_from(confirmed)
+        .join(subscribers, subscribers.c.id == confirmed.c.subscriber_id)
+        .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+        .group_by(suppressions.c.reason)
+    )
+    counts: dict[str, int] = {"will-receive": 0}
+    for reason, n in conn.execute(q):
+        counts["will-receive" if reason is None else f"suppressed-{reason}"] = int(n)
     return counts

@@ -45,6 +45,9 @@ class Database:
         """One row of a small read on the send path's hot loop, as of this instant."""
         raise NotImplementedError
 
+    async def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database after many writes (no-op where none)."""
+
     async def compact_erased(self) -> None:
         """Make erased rows unrecoverable from the database files (no-op where not needed)."""
 

@@ -4,9 +4,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from mailer.domain.ledger import GENESIS, Entry, Evidence, entry_hash, evidence_digest
+from mailer.store import policy
 from mailer.store.tables import consent_events as t
 
 
@@ -35,8 +36,8 @@ def append(
 
     The scope is the list named by ``list_uid``, or ``global`` without one. Callers run
     inside a write transaction, so the head cannot move underneath; the primary key on
-    ``seq`` refuses a fork should two writers ever race. No privacy-policy versions are
-    recorded yet, so ``policy_version`` stays empty.
+    ``seq`` refuses a fork should two writers ever race. The entry records the privacy-policy
+    version in force at ``now`` (changes apply going forward only).
     """
     head = conn.execute(_HEAD).first()
     seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
@@ -49,7 +50,7 @@ def append(
         scope="global" if list_uid is None else "list",
         channel=evidence.channel,
         actor=evidence.actor,
-        policy_version=None,
+        policy_version=policy.in_force(conn, now.date()),
         evidence_digest=evidence_digest(evidence.ip, evidence.user_agent),
         prev_hash=prev,
     )
@@ -116,3 +117,9 @@ def blank_evidence(conn: Connection, subject_hash: str) -> int:
         update(t).where(t.c.subject_hash == subject_hash).values(ip=None, user_agent=None)
     )
     return int(result.rowcount)
+
+
+def count_for_subject(conn: Connection, subject_hash: str) -> int:
+    """How many entries name a person (their keyed hash)."""
+    q = select(func.count()).select_from(t).where(t.c.subject_hash == subject_hash)
+    return int(conn.execute(q).scalar_one())

@@ -7,7 +7,14 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailer.domain.consent import RequestHistory, may_send
 from mailer.domain.ledger import Evidence
-from mailer.statuses import CampaignStatus, Channel, MessageKind, OutboxStatus, SuppressionReason
+from mailer.statuses import (
+    CampaignStatus,
+    Channel,
+    MessageKind,
+    OutboxStatus,
+    SubscriptionStatus,
+    SuppressionReason,
+)
 from mailer.store import ledger, suppression
 from mailer.store.tables import (
     campaigns,
@@ -117,6 +124,18 @@ def confirm_history(
     return RequestHistory(last_for_list=last, count_last_day=int(count))
 
 
+_ANYWHERE = subscriptions.alias("anywhere")
+_CONFIRMED_ANYWHERE = (
+    select(_ANYWHERE.c.id)
+    .where(
+        _ANYWHERE.c.subscriber_id == outbox.c.subscriber_id,
+        _ANYWHERE.c.status == SubscriptionStatus.CONFIRMED.value,
+    )
+    .exists()
+    .label("confirmed_anywhere")
+)
+"""Whether the recipient is confirmed on any list: what a policy announcement needs."""
+
 _CLAIM_COLS = (
     outbox.c.id,
     outbox.c.kind,
@@ -132,6 +151,7 @@ _CLAIM_COLS = (
     suppressions.c.reason,
     outbox.c.created_at,
     outbox.c.campaign_id,
+    _CONFIRMED_ANYWHERE,
 )
 
 
@@ -150,6 +170,7 @@ _CANDIDATES = (
     .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
 )
 DIRECT_KINDS = (MessageKind.CONFIRM.value, MessageKind.PREVIEW.value)
+CAMPAIGN_KINDS = (MessageKind.CAMPAIGN.value, MessageKind.ANNOUNCEMENT.value)
 _DUE_DIRECT = (
     _CANDIDATES.where(
         outbox.c.status == OutboxStatus.QUEUED.value,
@@ -165,7 +186,7 @@ _DUE_CAMPAIGN = (
         outbox.c.campaign_id == bindparam("cid"),
         outbox.c.status == OutboxStatus.QUEUED.value,
         outbox.c.next_attempt_at <= bindparam("now"),
-        outbox.c.kind == MessageKind.CAMPAIGN.value,
+        outbox.c.kind.in_(CAMPAIGN_KINDS),
         campaigns.c.status == CampaignStatus.RUNNING.value,
     )
     .order_by(outbox.c.next_attempt_at, outbox.c.id)
@@ -213,7 +234,7 @@ def claim(
     moves: list[dict[str, object]] = []
     for r in conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all():
         kind = MessageKind(r[1])
-        skip = may_send(kind, r[10], r[11])
+        skip = may_send(kind, r[10], r[11], bool(r[14]))
         moves.append(
             {
                 "b_id": r[0],
@@ -305,7 +326,7 @@ def claim_batch(
 
 
 PROBE = (
-    select(subscriptions.c.status, suppressions.c.reason, campaigns.c.status)
+    select(subscriptions.c.status, suppressions.c.reason, campaigns.c.status, _CONFIRMED_ANYWHERE)
     .select_from(outbox)
     .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
     .outerjoin(

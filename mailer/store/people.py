@@ -3,11 +3,11 @@
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy import delete as sa_delete
 
 from mailer.statuses import SubscriptionStatus
-from mailer.store.tables import lists, subscribers, subscriptions
+from mailer.store.tables import campaigns, lists, outbox, subscribers, subscriptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +134,59 @@ def subscriptions_of(conn: Connection, subscriber_id: int) -> list[SubscriptionR
 def delete(conn: Connection, subscriber_id: int) -> None:
     """Delete a person; their subscriptions and outbox rows go with them (ON DELETE CASCADE)."""
     conn.execute(sa_delete(subscribers).where(subscribers.c.id == subscriber_id))
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One message meant for a person (an outbox row), as a subject-access export shows it."""
+
+    id: int
+    kind: str
+    list_slug: str | None
+    campaign_id: int | None
+    campaign_subject: str | None
+    status: str
+    reason: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    checked_at: datetime | None
+
+
+def deliveries_of(conn: Connection, subscriber_id: int) -> list[DeliveryRow]:
+    """Every outbox row addressed to a person, oldest first, with its list and campaign."""
+    q = (
+        select(
+            outbox.c.id,
+            outbox.c.kind,
+            lists.c.slug,
+            outbox.c.campaign_id,
+            campaigns.c.subject,
+            outbox.c.status,
+            outbox.c.reason,
+            outbox.c.attempts,
+            outbox.c.created_at,
+            outbox.c.updated_at,
+            outbox.c.checked_at,
+        )
+        .select_from(outbox)
+        .outerjoin(lists, lists.c.id == outbox.c.list_id)
+        .outerjoin(campaigns, campaigns.c.id == outbox.c.campaign_id)
+        .where(outbox.c.subscriber_id == subscriber_id)
+        .order_by(outbox.c.created_at, outbox.c.id)
+    )
+    return [DeliveryRow(*r) for r in conn.execute(q)]
+
+
+def count_deliveries(conn: Connection, subscriber_id: int) -> int:
+    q = select(func.count()).select_from(outbox).where(outbox.c.subscriber_id == subscriber_id)
+    return int(conn.execute(q).scalar_one())
+
+
+def count_subscriptions(conn: Connection, subscriber_id: int) -> int:
+    q = (
+        select(func.count())
+        .select_from(subscriptions)
+        .where(subscriptions.c.subscriber_id == subscriber_id)
+    )
+    return int(conn.execute(q).scalar_one())

@@ -23,9 +23,11 @@ Pragmas: WAL, ``synchronous=FULL``, a busy timeout, foreign keys, ``secure_delet
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Compiled, Engine
 from sqlalchemy.pool import NullPool
 
+from mailer.errors import Conflict
 from mailer.store.db import Database, DatabaseClosed
 
 T = TypeVar("T")
@@ -45,6 +48,7 @@ BUSY_TIMEOUT_MS = 10_000
 _NAMED = SQLiteDialect_pysqlite(paramstyle="named")
 MAX_BATCH = 256
 CHECKPOINT_SECONDS = 1.0
+WAL_LIMIT = 64 * 1024 * 1024
 """At most this many transactions share one commit."""
 
 
@@ -71,6 +75,7 @@ class SqliteDatabase(Database):
         self._closed = False
         self._peek_conn: sqlite3.Connection | None = None
         self._stop_checkpoints = threading.Event()
+        self._next_wal_check = 0.0
         self._checkpointer: threading.Thread | None = None
         self._peeks: dict[int, Compiled] = {}
 
@@ -105,15 +110,41 @@ class SqliteDatabase(Database):
         row = self._peek_conn.execute(str(compiled), {**compiled.params, **params}).fetchone()
         return None if row is None else tuple(row)
 
-    async def compact_erased(self) -> None:
-        """``secure_delete`` zeroes freed pages; a truncating checkpoint empties the WAL."""
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it, on the writer thread.
 
-        def checkpoint(conn: Connection) -> None:
+        A long run of writes (an import) needs this now and then: the checkpoint thread's
+        PASSIVE checkpoints never catch up with a writer that never pauses, and the WAL (and
+        its mapped index) would grow by gigabytes. Writes queue behind it meanwhile. A reader
+        of an older snapshot makes it stop short (busy); the next call finishes the work.
+        """
+
+        def truncate(conn: Connection) -> None:
             raw = conn.connection.driver_connection  # autocommit mode: no BEGIN is issued
             assert raw is not None
-            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
-        await self._enqueue(_Job(checkpoint, (), raw=True))
+        await self._enqueue(_Job(truncate, (), raw=True))
+
+    async def compact_erased(self) -> None:
+        """``secure_delete`` zeroes freed pages; a truncating checkpoint empties the WAL.
+
+        The checkpoint waits (busy timeout) for readers of older snapshots; if one still
+        holds on, the WAL keeps the old page images, so this raises instead of returning.
+        """
+
+        def checkpoint(conn: Connection) -> int:
+            raw = conn.connection.driver_connection  # autocommit mode: no BEGIN is issued
+            assert raw is not None
+            busy, _, _ = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return int(busy)
+
+        if await self._enqueue(_Job(checkpoint, (), raw=True)):
+            raise Conflict(
+                "the erasure is committed, but another connection is still reading an older "
+                "snapshot, so the write-ahead log keeps erased data; run the erase again "
+                "when it is done"
+            )
 
     async def close(self) -> None:
         """Finish queued writes, close both connections; calling it again does nothing."""
@@ -153,9 +184,13 @@ class SqliteDatabase(Database):
             self._jobs.put(job)
         return await asyncio.wrap_future(job.future)
 
-    def _connect(self) -> Connection:
+    def _create_private(self) -> None:
+        """Personal data: owner only, created so before SQLite would create it (0644)."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path.touch(mode=0o600)  # personal data: owner only, before SQLite creates it
+        self.path.touch(mode=0o600)
+
+    def _connect(self) -> Connection:
+        self._create_private()
         return self._engine.connect()
 
     def _write_loop(self) -> None:
@@ -180,12 +215,14 @@ class SqliteDatabase(Database):
                 raw = batch.pop() if batch[-1].raw else None
                 if batch:
                     _commit_together(conn, batch)
+                    self._bound_wal(conn)
                 if raw is not None:
                     _run_raw(conn, raw)
         finally:
             conn.close()
 
     def _checkpoint_loop(self) -> None:
+        self._create_private()  # this thread can win the race with the writer to create it
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -195,6 +232,28 @@ class SqliteDatabase(Database):
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             conn.close()
+
+    def _bound_wal(self, conn: Connection) -> None:
+        """The safety net: a writer that never pauses starves the PASSIVE checkpoints, so past
+        ``WAL_LIMIT`` bytes the writer truncates the WAL itself, between two batches."""
+        now = time.monotonic()
+        if now < self._next_wal_check:
+            return
+        try:
+            size = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if size <= WAL_LIMIT:
+            return
+        self._next_wal_check = now + 5.0  # a reader holding an old snapshot: try later
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.execute("PRAGMA busy_timeout=50")  # never stall the writer behind a long read
+        try:
+            with contextlib.suppress(sqlite3.Error):
+                raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     # -- reader thread -------------------------------------------------------------------
 

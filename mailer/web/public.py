@@ -3,6 +3,7 @@
 from typing import Any
 
 from aiohttp import web
+from markupsafe import Markup
 
 from mailer.domain.ledger import Evidence
 from mailer.errors import BadToken
@@ -78,4 +79,20 @@ async def unsubscribe(request: web.Request) -> web.Response:
 
 @routes.get("/privacy")
 async def privacy(request: web.Request) -> web.Response:
-    return page(request, "privacy")
+    """The policy in force and the public history of every change (seed policy: changes are
+    publicly announced and apply going forward only)."""
+    mailer = mailer_of(request)
+    history = await mailer.policy.history()
+    today = mailer.clock.now().date()
+    versions = [
+        {
+            "version": v.version,
+            "effective_on": v.effective_on,
+            "upcoming": v.effective_on > today,
+            "summary_html": Markup(mailer.renderer.markdown(v.summary)),  # noqa: S704
+            "url": v.url,
+        }
+        for v in reversed(history)
+    ]
+    current = next((v for v in versions if not v["upcoming"]), None)
+    return page(request, "privacy", current=current, versions=versions)
