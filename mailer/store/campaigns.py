@@ -174,7 +174,6 @@ _AUDIENCE = (
     .order_by(subscriptions.c.subscriber_id)
     .limit(bindparam("chunk"))
 )
-_CHUNK_END = select(func.max(_AUDIENCE.subquery().c.subscriber_id), func.count())
 _FANOUT_COLUMNS = [
     "kind",
     "campaign_id",
@@ -187,56 +186,6 @@ _FANOUT_COLUMNS = [
     "created_at",
     "updated_at",
 ]
-
-
-def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tuple[int, bool]:
-    """Queue the next ``chunk`` recipients of a running campaign; return (queued, done).
-
-    Recipients are taken in subscriber-id order after a cursor kept on the campaign, in the
-    same transaction, so a crash between chunks resumes where it stopped; the outbox's
-    unique constraint makes a repeated chunk harmless. Only confirmed, unsuppressed people
-    are queued here; the send-time check decides again for each message.
-    """
-    row = conn.execute(
-        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind).where(
-            t.c.id == campaign_id
-        )
-    ).one()
-    list_id, cursor, done = row[0], int(row[1]), bool(row[2])
-    if done or row[3] != CampaignStatus.RUNNING:  # cancelled or paused since the caller looked
-        return 0, done
-    if row[4] == CampaignKind.ANNOUNCEMENT:
-        return _fan_out_people(conn, campaign_id, cursor, chunk, now)
-    params = {"lid": list_id, "cursor": cursor, "chunk": chunk}
-    last, count = conn.execute(_CHUNK_END, params).one()
-    if count:
-        source = select(
-            literal(MessageKind.CAMPAIGN.value),
-            literal(campaign_id),
-            literal(list_id),
-            subscriptions.c.subscriber_id,
-            literal(OutboxStatus.QUEUED.value),
-            literal(0),
-            literal(now, outbox.c.next_attempt_at.type),
-            literal(None, outbox.c.checked_at.type),
-            literal(now, outbox.c.created_at.type),
-            literal(now, outbox.c.updated_at.type),
-        ).where(
-            subscriptions.c.list_id == bindparam("lid"),
-            subscriptions.c.subscriber_id.in_(select(_AUDIENCE.subquery().c.subscriber_id)),
-        )
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        conn.execute(
-            dialect_insert(outbox).from_select(_FANOUT_COLUMNS, source).on_conflict_do_nothing(),
-            params,
-        )
-    finished = count < chunk
-    conn.execute(
-        update(t)
-        .where(t.c.id == campaign_id)
-        .values(fanout_cursor=last if count else cursor, fanout_done=finished, updated_at=now)
-    )
-    return int(count), finished
 
 
 _PEOPLE = (
@@ -255,19 +204,38 @@ _PEOPLE = (
 """Every person confirmed on at least one list and not suppressed, once each."""
 
 
-def _fan_out_people(
-    conn: Connection, campaign_id: int, cursor: int, chunk: int, now: datetime
-) -> tuple[int, bool]:
-    """The announcement fan-out: one message per person, not per list."""
-    params = {"cursor": cursor, "chunk": chunk}
-    people = _PEOPLE.subquery()
-    last, count = conn.execute(select(func.max(people.c.subscriber_id), func.count()), params).one()
+def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tuple[int, bool]:
+    """Queue the next ``chunk`` recipients of a running campaign; return (queued, done).
+
+    Recipients are taken in subscriber-id order after a cursor kept on the campaign, in the
+    same transaction, so a crash between chunks resumes where it stopped; the outbox's
+    unique constraint makes a repeated chunk harmless. Only confirmed, unsuppressed people
+    are queued here (for a newsletter, of its list; for an announcement, of any list, once
+    each); the send-time check decides again for each message.
+    """
+    row = conn.execute(
+        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind).where(
+            t.c.id == campaign_id
+        )
+    ).one()
+    list_id, cursor, done = row[0], int(row[1]), bool(row[2])
+    if done or row[3] != CampaignStatus.RUNNING:  # cancelled or paused since the caller looked
+        return 0, done
+    params: dict[str, object] = {"cursor": cursor, "chunk": chunk}
+    if row[4] == CampaignKind.ANNOUNCEMENT:
+        recipients, kind = _PEOPLE.subquery(), MessageKind.ANNOUNCEMENT
+    else:
+        recipients, kind = _AUDIENCE.subquery(), MessageKind.CAMPAIGN
+        params["lid"] = list_id
+    last, count = conn.execute(
+        select(func.max(recipients.c.subscriber_id), func.count()), params
+    ).one()
     if count:
         source = select(
-            literal(MessageKind.ANNOUNCEMENT.value),
+            literal(kind.value),
             literal(campaign_id),
-            literal(None, outbox.c.list_id.type),
-            people.c.subscriber_id,
+            literal(list_id, outbox.c.list_id.type),
+            recipients.c.subscriber_id,
             literal(OutboxStatus.QUEUED.value),
             literal(0),
             literal(now, outbox.c.next_attempt_at.type),

@@ -155,11 +155,8 @@ _CLAIM_COLS = (
 )
 
 
-_CANDIDATES = (
-    select(*_CLAIM_COLS)
-    .select_from(outbox)
-    .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
-    .outerjoin(lists, lists.c.id == outbox.c.list_id)
+_CONSENT = (
+    outbox.join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
     .outerjoin(
         subscriptions,
         and_(
@@ -168,6 +165,12 @@ _CANDIDATES = (
         ),
     )
     .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
+)
+"""An outbox row with what decides its consent: the recipient's subscription to the row's
+list and their suppression. Both the claim and the probe read through it."""
+
+_CANDIDATES = select(*_CLAIM_COLS).select_from(
+    _CONSENT.outerjoin(lists, lists.c.id == outbox.c.list_id)
 )
 DIRECT_KINDS = (MessageKind.CONFIRM.value, MessageKind.PREVIEW.value)
 CAMPAIGN_KINDS = (MessageKind.CAMPAIGN.value, MessageKind.ANNOUNCEMENT.value)
@@ -327,17 +330,7 @@ def claim_batch(
 
 PROBE = (
     select(subscriptions.c.status, suppressions.c.reason, campaigns.c.status, _CONFIRMED_ANYWHERE)
-    .select_from(outbox)
-    .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
-    .outerjoin(
-        subscriptions,
-        and_(
-            subscriptions.c.subscriber_id == outbox.c.subscriber_id,
-            subscriptions.c.list_id == outbox.c.list_id,
-        ),
-    )
-    .outerjoin(suppressions, suppressions.c.email_hash == subscribers.c.email_hash)
-    .outerjoin(campaigns, campaigns.c.id == outbox.c.campaign_id)
+    .select_from(_CONSENT.outerjoin(campaigns, campaigns.c.id == outbox.c.campaign_id))
     .where(outbox.c.id == bindparam("oid"))
 )
 """The per-message consent check right before hand-off: the recipient's subscription to the
