@@ -49,6 +49,7 @@ BATCH = 20_000
 
 # Targets from issue 3 ("Speed"), on the project's 2-core machine.
 TARGET_RATE = 2_500.0  # msgs/s, one process, 100,000 recipients
+TARGET_RATE_DKIM = 1_200.0  # the same with RSA-2048 DKIM signing on (issue 5)
 TARGET_HANDOFF_P99_MS = 50.0
 TARGET_UNSUB_P99_MS = 25.0
 TARGET_RSS_MB_AT_1M = 150.0
@@ -530,6 +531,7 @@ class Options:
     profile_rate: int
     timeout: float
     keep: bool
+    dkim: str | None = None
 
 
 async def run(o: Options) -> int:
@@ -572,6 +574,16 @@ async def _run(o: Options, cwd: Path, procs: list[subprocess.Popen[bytes]]) -> i
     if o.fanout_only:
         env["MAILER_SMTP_RATE"] = "0.001"  # the worker fans out but (almost) never sends
 
+    if o.dkim:
+        key = cwd / "var" / "dkim.pem"
+        mailer_cli(cwd, env, "dkim", "keygen", "--selector", "bench", "--algorithm", o.dkim,
+                   "--domain", "example.org", "--out", str(key))  # fmt: skip
+        env.update(
+            MAILER_DKIM_DOMAIN="example.org",
+            MAILER_DKIM_SELECTOR="bench",
+            MAILER_DKIM_KEY_FILE=str(key),
+        )
+        print(f"  DKIM signing on: {o.dkim}", flush=True)
     mailer_cli(cwd, env, "init")
     mailer_cli(cwd, env, "list", "create", "news", "--name", "News")
     db_path = cwd / "var" / "mailer.db"
@@ -736,20 +748,21 @@ def print_summary(
         rate_window = sent / window if window else 0.0
         rate_e2e = sent / e2e if e2e else 0.0
         at_100k = n >= 100_000
+        target = TARGET_RATE_DKIM if o.dkim else TARGET_RATE
         rows.append(
             (
                 "messages/s, first to last consent check",
                 f"{rate_window:,.0f} msg/s ({sent:,} in {window or 0:.1f} s)",
-                f">= {TARGET_RATE:,.0f} at 100k",
-                verdict(rate_window >= TARGET_RATE if at_100k else None),
+                f">= {target:,.0f} at 100k",
+                verdict(rate_window >= target if at_100k else None),
             )
         )
         rows.append(
             (
                 "messages/s, `campaign send` to 'sent'",
                 f"{rate_e2e:,.0f} msg/s ({e2e:.1f} s)",
-                f">= {TARGET_RATE:,.0f} at 100k",
-                verdict(rate_e2e >= TARGET_RATE if at_100k else None),
+                f">= {target:,.0f} at 100k",
+                verdict(rate_e2e >= target if at_100k else None),
             )
         )
         name = "mailer_check_to_handoff_seconds"
@@ -879,6 +892,9 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this long")
     p.add_argument("--keep", action="store_true", help="keep the temp directory")
+    p.add_argument(
+        "--dkim", choices=("rsa", "ed25519"), default=None, help="sign with a fresh DKIM key"
+    )
     a = p.parse_args(argv)
     if a.sink == "smtp-sink" and not shutil.which("smtp-sink"):
         raise SystemExit(
@@ -900,6 +916,7 @@ def parse_args(argv: list[str]) -> Options:
         a.profile_rate,
         a.timeout,
         a.keep,
+        a.dkim,
     )
 
 

@@ -16,13 +16,14 @@ from mailer.services.messages import MessageConfig, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.people import People
 from mailer.services.policy import Policy
-from mailer.services.ports import Clock, SystemClock
+from mailer.services.ports import Clock, NoSigner, Signer, SystemClock
 from mailer.services.scheduling import Scheduler
 from mailer.services.sending import Sender, SendPolicy
 from mailer.services.setup import instance_secrets, secret_keys
 from mailer.services.subscriptions import Subscriptions
 from mailer.store.db import Database, open_database
 from mailer.transport.capture import CaptureServer
+from mailer.transport.dkim import DkimSigner, load_keys
 from mailer.transport.smtp import RelayConfig, SmtpPool
 from mailer.worker import Worker
 
@@ -60,6 +61,13 @@ def _relay(settings: Settings, capture: CaptureServer | None) -> RelayConfig:
         password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
         timeout=settings.smtp_timeout,
     )
+
+
+def _signer(settings: Settings) -> Signer:
+    if not settings.dkim_domain:
+        return NoSigner()
+    keys = load_keys(settings.dkim_key_file, settings.dkim_selector)
+    return DkimSigner(settings.dkim_domain, keys)
 
 
 @asynccontextmanager
@@ -149,7 +157,7 @@ async def open_mailer(
                 rate_per_second=settings.smtp_rate,
             )
             prefetch = 2 * settings.smtp_connections
-            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch)
+            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, _signer(settings))
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
                 sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -58,8 +60,11 @@ class Settings(BaseModel):
     org_address: str = "1 Example Street, 00000 Example City"
     privacy_contact: str = "privacy@example.org"
     dkim_domain: str | None = None
-    dkim_selector: str | None = None
-    dkim_key_file: Path | None = None
+    dkim_selector: list[str] = Field(default_factory=list)
+    """One selector per key file, in the same order (comma-separated in the env)."""
+    dkim_key_file: list[Path] = Field(default_factory=list)
+    """PEM private keys, comma-separated: RSA (2048 bits or more) and/or Ed25519. Two keys of
+    different types sign every message twice (dual signing); the type is read from the key."""
     trusted_proxies: list[IPNetwork] = Field(default_factory=list)
     api_rate_per_minute: int = Field(60, ge=1)
     confirm_resend_minutes: int = Field(10, ge=0)
@@ -71,7 +76,7 @@ class Settings(BaseModel):
     smtp_give_up_hours: float = Field(24.0, gt=0)
     worker_poll_seconds: float = Field(1.0, gt=0)
 
-    @field_validator("secret_keys", mode="before")
+    @field_validator("secret_keys", "dkim_selector", "dkim_key_file", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -92,12 +97,20 @@ class Settings(BaseModel):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _no_silent_dkim(self) -> "Settings":
-        if self.dkim_domain or self.dkim_selector or self.dkim_key_file:
+    def _dkim(self) -> "Settings":
+        given = [bool(self.dkim_domain), bool(self.dkim_selector), bool(self.dkim_key_file)]
+        if any(given) and not all(given):
             raise ValueError(
-                "DKIM signing is not available in this version; unset MAILER_DKIM_* "
-                "or sign at your relay"
+                "DKIM needs MAILER_DKIM_DOMAIN, MAILER_DKIM_SELECTOR and MAILER_DKIM_KEY_FILE"
             )
+        if len(self.dkim_selector) != len(self.dkim_key_file):
+            raise ValueError(
+                f"MAILER_DKIM_SELECTOR names {len(self.dkim_selector)} selector(s) for "
+                f"{len(self.dkim_key_file)} MAILER_DKIM_KEY_FILE key(s); give one per key"
+            )
+        kinds = [_check_dkim_key(path) for path in self.dkim_key_file]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("MAILER_DKIM_KEY_FILE: give at most one RSA and one Ed25519 key")
         return self
 
     @property
@@ -112,6 +125,31 @@ class Settings(BaseModel):
     @property
     def secret_keys_file(self) -> Path:
         return self.var_dir / "secret_keys"
+
+
+def _check_dkim_key(path: Path) -> str:
+    """The key's type ("rsa" or "ed25519"); ValueError when it must not be used."""
+    try:
+        mode = path.stat().st_mode
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"DKIM key file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(
+            f"DKIM key file {path} is readable by group or others (mode {mode & 0o777:o}); "
+            f"chmod 600 it"
+        )
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"DKIM key file {path} is not an unencrypted PEM private key") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise ValueError(f"DKIM key file {path}: RSA key of {key.key_size} bits; use 2048")
+        return "rsa"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "ed25519"
+    raise ValueError(f"DKIM key file {path}: only RSA and Ed25519 keys can sign DKIM")
 
 
 def _env_name(field: str) -> str:

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from mailer.config import load_settings
 from mailer.errors import ConfigError
@@ -78,7 +80,47 @@ def test_bad_config_files(tmp_path: Path) -> None:
         load_settings(environ={"MAILER_CONFIG": str(unknown)})
 
 
-def test_dkim_settings_are_refused_until_signing_exists() -> None:
-    """Setting MAILER_DKIM_* is an error rather than silently sending unsigned mail."""
-    with pytest.raises(ConfigError, match="DKIM signing is not available"):
-        load_settings(environ={"MAILER_DKIM_DOMAIN": "example.org"})
+def test_dkim_settings_refuse_unsafe_or_unusable_keys(tmp_path: Path) -> None:
+    """MAILER_DKIM_*: a key readable by others, missing, or not a private key stops the start."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    good = tmp_path / "good.pem"
+    good.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    good.chmod(0o600)
+    public = tmp_path / "public.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    public.chmod(0o600)
+    loose = tmp_path / "loose.pem"
+    loose.write_bytes(good.read_bytes())
+    loose.chmod(0o640)
+
+    def env(key_file: Path | str, selector: str = "s1") -> dict[str, str]:
+        return {
+            "MAILER_DKIM_DOMAIN": "example.org",
+            "MAILER_DKIM_SELECTOR": selector,
+            "MAILER_DKIM_KEY_FILE": str(key_file),
+        }
+
+    s = load_settings(environ=env(good))
+    assert (s.dkim_domain, s.dkim_selector, s.dkim_key_file) == ("example.org", ["s1"], [good])
+    cases = [
+        (env(loose), "readable by group or others"),
+        (env(tmp_path / "nope.pem"), "No such file"),
+        (env(public), "not an unencrypted PEM private key"),
+        (env(f"{good},{good}", "a,b"), "at most one RSA and one Ed25519"),
+        (env(good, "a,b"), "one per key"),
+        ({"MAILER_DKIM_DOMAIN": "example.org"}, "needs MAILER_DKIM_DOMAIN"),
+    ]
+    for environ, message in cases:
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_settings(environ=environ)
+        assert "\n" not in str(caught.value)

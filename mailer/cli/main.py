@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailer.cli import (
     apikeys,
     campaigns,
+    dkim,
     doctor,
     ledger,
     lists,
@@ -40,6 +41,7 @@ app.add_typer(suppression.app, name="suppression")
 app.add_typer(ledger.app, name="ledger")
 app.add_typer(campaigns.app, name="campaign")
 app.add_typer(policy.app, name="policy")
+app.add_typer(dkim.app, name="dkim")
 
 
 def _fail(message: str, code: int = 1) -> int:

@@ -320,7 +320,7 @@ def dkim_problems(raw: bytes, settings: Settings) -> list[str]:
     problems = []
     if tags.get("d", "").lower() != str(settings.dkim_domain).lower():
         problems.append(f"DKIM d={tags.get('d')} is not {settings.dkim_domain}")
-    if tags.get("s") != settings.dkim_selector:
+    if tags.get("s") not in settings.dkim_selector:
         problems.append(f"DKIM s={tags.get('s')} is not {settings.dkim_selector}")
     covered = {h.lower() for h in tags.get("h", "").split(":")}
     missing = [h for h in DKIM_COVERS if h not in covered]

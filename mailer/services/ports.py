@@ -30,3 +30,14 @@ class MailConnection(Protocol):
 
 class MailTransport(Protocol):
     def connection(self) -> AbstractAsyncContextManager[MailConnection]: ...
+
+
+class Signer(Protocol):
+    def sign(self, data: bytes) -> bytes:
+        """The message with its signature header(s) prepended."""
+        ...
+
+
+class NoSigner:
+    def sign(self, data: bytes) -> bytes:
+        return data

@@ -30,7 +30,7 @@ from mailer.domain.retry import next_attempt
 from mailer.errors import MailerError, MissingUnsubscribe
 from mailer.services.messages import Built, MessageFactory
 from mailer.services.metrics import Metrics
-from mailer.services.ports import Clock, MailConnection, MailTransport
+from mailer.services.ports import Clock, MailConnection, MailTransport, NoSigner, Signer
 from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
 from mailer.store import campaigns, outbox
 from mailer.store.campaigns import CampaignRow
@@ -104,8 +104,10 @@ class Sender:
         metrics: Metrics,
         policy: SendPolicy,
         prefetch: int = 8,
+        signer: Signer | None = None,
     ) -> None:
         self._db = db
+        self._signer = signer or NoSigner()
         self._transport = transport
         self._factory = factory
         self._clock = clock
@@ -236,6 +238,7 @@ class Sender:
 
         try:
             built = await self._build(message)
+            data = self._signer.sign(built.data)
         except MissingUnsubscribe as exc:
             done(OutboxStatus.FAILED, f"not sent: {exc.message}")
             return
@@ -245,7 +248,7 @@ class Sender:
             done(OutboxStatus.FAILED, f"not sent: the message could not be built ({detail})")
             return
         try:
-            result = await conn.send(built.sender, message.email, built.data, built.smtputf8)
+            result = await conn.send(built.sender, message.email, data, built.smtputf8)
         except Exception as exc:  # transports return outcomes; this is a bug mid-hand-off
             log.exception("outbox.send_raised outbox_id=%d", message.outbox_id)
             result = Unknown(f"the hand-off raised {type(exc).__name__}; may have been delivered")
