@@ -1,5 +1,6 @@
 """Building the wire form of a message. Refuses any message that cannot be stopped (G3)."""
 
+import re
 from dataclasses import dataclass
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
@@ -13,6 +14,14 @@ MAX_LINE = 998
 ``List-Unsubscribe`` URL as an RFC 2047 encoded-word, which one-click clients cannot read."""
 _ASCII_POLICY: Policy = SMTP.clone(max_line_length=MAX_LINE)
 _UTF8_POLICY: Policy = SMTPUTF8.clone(max_line_length=MAX_LINE)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def is_one_line(text: str) -> bool:
+    """True when ``text`` holds no control character or line separator: safe in a header."""
+    return _CONTROL.search(text) is None
 
 
 @dataclass(frozen=True, slots=True)

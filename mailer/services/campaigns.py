@@ -11,6 +11,7 @@ from jinja2 import TemplateError
 from sqlalchemy import Connection
 
 from mailer.domain.addresses import address_hash, parse_address
+from mailer.domain.compose import is_one_line
 from mailer.domain.consent import may_send
 from mailer.errors import Conflict, InvalidInput, NotFound
 from mailer.render import Renderer
@@ -26,7 +27,6 @@ from mailer.store.outbox import Claimed
 MAX_SUBJECT = 250
 MAX_BODY = 1_000_000
 TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 CANCEL_CHUNK = 2000
 
 
@@ -101,7 +101,7 @@ class Campaigns:
         ``target`` is the list; ``None`` makes a policy announcement (to every person).
         """
         subject = subject.strip()
-        if not subject or len(subject) > MAX_SUBJECT or _CONTROL.search(subject):
+        if not subject or len(subject) > MAX_SUBJECT or not is_one_line(subject):
             raise InvalidInput(f"the subject must be 1-{MAX_SUBJECT} characters on one line")
         if not body.strip():
             raise InvalidInput("the body is empty")

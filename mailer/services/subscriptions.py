@@ -1,6 +1,5 @@
 """Opt-in, confirmation and opt-out: the consent use cases (G1, G2, G5)."""
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -8,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy import Connection
 
 from mailer.domain.addresses import Address, address_hash, parse_address
+from mailer.domain.compose import is_one_line
 from mailer.domain.consent import REQUEST_LIFTABLE, OptInOutcome, opt_in_outcome
 from mailer.domain.ledger import Evidence
 from mailer.domain.tokens import LinkClaim, TokenCodec
@@ -19,7 +19,6 @@ from mailer.store import ledger, lists, outbox, people, suppression
 from mailer.store.db import Database
 from mailer.store.lists import ListRow
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 MAX_NAME = 200
 
 
@@ -32,7 +31,7 @@ def clean_name(name: str | None) -> str | None:
         return None
     if len(name) > MAX_NAME:
         raise InvalidInput(f"name is longer than {MAX_NAME} characters")
-    if _CONTROL.search(name):
+    if not is_one_line(name):
         raise InvalidInput("name contains control characters")
     return name
 
