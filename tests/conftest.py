@@ -1,7 +1,7 @@
 """Fixtures: a real mailer on a real SQLite file, a real SMTP sink, a real aiohttp server."""
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from mailer.bootstrap import Mailer, open_mailer
+from mailer.cli.main import main as cli_main
 from mailer.config import Settings, load_settings
 from mailer.services.setup import initialise
 from mailer.store.db import open_database
@@ -99,6 +100,44 @@ def links(message: Captured) -> dict[str, str]:
     for m in LINK.finditer(text.get_content()):
         found.setdefault(m.group(1), m.group(0))
     return found
+
+
+Run = tuple[int, str, str]
+Cli = Callable[..., Run]
+
+
+def make_cli(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    secret_keys: str | None = None,
+) -> Cli:
+    """``mailer ARGS`` run in-process against a fresh installation; returns (code, out, err).
+
+    Without ``secret_keys``, ``mailer init`` generates the key file as it would for a user.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
+    if secret_keys is None:
+        monkeypatch.delenv("MAILER_SECRET_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("MAILER_SECRET_KEYS", secret_keys)
+    monkeypatch.delenv("MAILER_CONFIG", raising=False)
+
+    def run(*args: str) -> Run:
+        code = cli_main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    assert run("init")[0] == 0
+    return run
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``mailer ARGS`` in-process against a fresh installation; return (code, out, err)."""
+    return make_cli(tmp_path, monkeypatch, capsys)
 
 
 def path_of(url: str) -> str:

@@ -4,18 +4,15 @@ import email
 import email.policy
 import json
 import sqlite3
-from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailer.cli.main import main
 from mailer.statuses import OutboxStatus
+from tests.conftest import Cli, Run
 
-Run = tuple[int, str, str]
-Cli = Callable[..., Run]
 SUBJECT = "November issue — Grüße"
 BODY = "# Hello\n\nThis is the *November* issue.\n"
 STATUS_KEYS = {
@@ -31,24 +28,6 @@ STATUS_KEYS = {
     "states",
     "reasons",
 }
-
-
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Run ``mailer ARGS`` in-process against a fresh installation; return (code, out, err)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
-    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.delenv("MAILER_SECRET_KEYS", raising=False)
-    monkeypatch.delenv("MAILER_CONFIG", raising=False)
-
-    def run(*args: str) -> Run:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    assert run("init")[0] == 0
-    return run
 
 
 @pytest.fixture

@@ -3,33 +3,12 @@
 import io
 import json
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mailer.cli.main import main
-
-Run = tuple[int, str, str]
-Cli = Callable[..., Run]
-
-
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """Run ``mailer ARGS`` in-process against a fresh installation; return (code, out, err)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
-    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.delenv("MAILER_SECRET_KEYS", raising=False)
-    monkeypatch.delenv("MAILER_CONFIG", raising=False)
-
-    def run(*args: str) -> Run:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    assert run("init")[0] == 0
-    return run
+from tests.conftest import Cli
 
 
 def test_init_is_idempotent_and_keeps_keys_private(cli: Cli, tmp_path: Path) -> None:

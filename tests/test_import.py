@@ -8,7 +8,7 @@ import sqlite3
 import sys
 import time
 from asyncio.subprocess import DEVNULL
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from mailer.bootstrap import Mailer, open_mailer
-from mailer.cli.main import main
 from mailer.config import Settings
 from mailer.domain.addresses import address_hash, parse_address
 from mailer.domain.ledger import Evidence
@@ -25,15 +24,12 @@ from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.services.importing import MAX_LINE, Importer, ImportReport, RowResult
 from mailer.services.ledger import verify
 from mailer.services.setup import instance_secrets
-from tests.conftest import SECRET, init_db, links, make_settings, path_of
+from tests.conftest import SECRET, Cli, init_db, links, make_cli, make_settings, path_of
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
 EVIDENCE = Evidence(channel="import", actor="cli:test")
 STAFF = Evidence(channel="cli", actor="cli:test")
 BOM = b"\xef\xbb\xbf"
-
-Run = tuple[int, str, str]
-Cli = Callable[..., Run]
 
 
 @pytest.fixture
@@ -356,18 +352,7 @@ async def test_unclosed_quote_and_header_only_files(quiet: Mailer, tmp_path: Pat
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
     """Run ``mailer ARGS`` in-process against a fresh installation with list ``news``."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
-    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("MAILER_SECRET_KEYS", SECRET)
-    monkeypatch.delenv("MAILER_CONFIG", raising=False)
-
-    def run(*args: str) -> Run:
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    assert run("init")[0] == 0
+    run = make_cli(tmp_path, monkeypatch, capsys, secret_keys=SECRET)
     assert run("list", "create", "news", "--name", "News")[0] == 0
     return run
 

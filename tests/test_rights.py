@@ -31,7 +31,7 @@ from mailer.domain.ledger import Evidence
 from mailer.errors import Conflict
 from mailer.services.erasure import AddressMatcher, scrub_maildir
 from mailer.web.app import create_app
-from tests.conftest import BASE_URL, SECRET, auth, init_db, links, make_settings, path_of
+from tests.conftest import BASE_URL, SECRET, Run, auth, init_db, links, make_settings, path_of
 from tests.harness import Captured, query, wait_until
 
 API = "/api/v1/subscriptions"
@@ -42,8 +42,6 @@ BOB = "bob@example.org"
 BULK = 300
 """Other people on a third list, so the person's rows share pages with theirs (page splits,
 index entries on both sides): freed cells must be zeroed, not only unlinked."""
-
-Run = tuple[int, str, str]
 
 
 @dataclass
