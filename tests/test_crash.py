@@ -241,6 +241,43 @@ def count_status(db_path: Path, campaign_id: int, status: str) -> int:
 KILL_POINTS = ["right after fan-out", "30% sent", "DATA reply held", "accepted, 250 unseen"]
 
 
+async def restart_until_sent(
+    second: Serve, cwd: Path, env: dict[str, str], db_path: Path, cid: int, what: str
+) -> dict[str, Any]:
+    """Start the second serve, wait until the campaign is sent; return `campaign status --json`."""
+    await second.start()
+    await wait_until(
+        lambda: (
+            second.alive()
+            and query(db_path, "SELECT status FROM campaign WHERE id = ?", cid)[0][0] == "sent"
+        ),
+        timeout=30,
+        what=what,
+    )
+    report: dict[str, Any] = json.loads(
+        await mailer_cli(cwd, env, "campaign", "status", str(cid), "--json")
+    )
+    return report
+
+
+async def stop_both(first: Serve, second: Serve) -> None:
+    """Make sure neither serve outlives the test; the second one gets a clean SIGTERM."""
+    await first.kill()
+    if second.proc is not None and second.proc.returncode is None:
+        second.proc.send_signal(signal.SIGTERM)
+        await second.wait()
+    await second.kill()
+
+
+def clean_restart_log(second: Serve) -> str:
+    """The restarted serve stopped cleanly and logged no traceback; returns its log."""
+    assert second.proc is not None
+    assert second.proc.returncode == 0
+    log = second.log.read_text()
+    assert "Traceback" not in log
+    return log
+
+
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 async def test_kill_9_mid_campaign_then_restart(
     kill_at: str, population: Population, sink: SinkServer, tmp_path: Path
@@ -325,27 +362,12 @@ async def test_kill_9_mid_campaign_then_restart(
                 stamp(),
             )
 
-        await second.start()
-        await wait_until(
-            lambda: (
-                second.alive()
-                and query(db_path, "SELECT status FROM campaign WHERE id = ?", cid)[0][0] == "sent"
-            ),
-            timeout=30,
-            what="the campaign to finish after the restart",
-        )
-        report = json.loads(
-            await mailer_cli(tmp_path, env, "campaign", "status", str(cid), "--json")
+        report = await restart_until_sent(
+            second, tmp_path, env, db_path, cid, "the campaign to finish after the restart"
         )
     finally:
-        await first.kill()
-        if second.proc is not None and second.proc.returncode is None:
-            second.proc.send_signal(signal.SIGTERM)
-            await second.wait()
-        await second.kill()
-    assert second.proc is not None and second.proc.returncode == 0
-    restart_log = second.log.read_text()
-    assert "Traceback" not in restart_log
+        await stop_both(first, second)
+    restart_log = clean_restart_log(second)
 
     # Copies: by Message-ID (<outbox id>.<instance>@domain) and by recipient.
     headers = BytesHeaderParser(policy=policy.default)
@@ -575,27 +597,12 @@ async def test_kill_9_mid_announcement_then_restart(
         left_sending = count_status(db_path, cid, "sending")
         assert copies_at_kill < ELIGIBLE  # the kill really landed mid-send
 
-        await second.start()
-        await wait_until(
-            lambda: (
-                second.alive()
-                and query(db_path, "SELECT status FROM campaign WHERE id = ?", cid)[0][0] == "sent"
-            ),
-            timeout=30,
-            what="the announcement to finish after the restart",
-        )
-        report = json.loads(
-            await mailer_cli(tmp_path, env, "campaign", "status", str(cid), "--json")
+        report = await restart_until_sent(
+            second, tmp_path, env, db_path, cid, "the announcement to finish after the restart"
         )
     finally:
-        await first.kill()
-        if second.proc is not None and second.proc.returncode is None:
-            second.proc.send_signal(signal.SIGTERM)
-            await second.wait()
-        await second.kill()
-    assert second.proc is not None and second.proc.returncode == 0
-    restart_log = second.log.read_text()
-    assert "Traceback" not in restart_log
+        await stop_both(first, second)
+    restart_log = clean_restart_log(second)
 
     # Copies: by Message-ID (<outbox id>.<instance>@domain) and by recipient.
     headers = BytesHeaderParser(policy=policy.default)
