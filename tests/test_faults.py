@@ -8,12 +8,10 @@ more than one per recipient).
 """
 
 import asyncio
-import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import pytest
 
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.config import Settings
-from tests.conftest import init_db, make_settings
+from tests.conftest import init_db, make_settings, seed_confirmed
 from tests.harness import MutableClock, SinkEvent, SinkServer, query, wait_until
 
 N = 24
@@ -111,24 +109,7 @@ async def seed(m: Mailer, db: Path, emails: list[str]) -> None:
     """List "news" with ``emails`` as confirmed subscribers, inserted directly (fast)."""
     await m.lists.create("news", "Example News")
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for raw in emails:
-                address, subject = m.consent.identify(raw)
-                cur = conn.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at)"
-                    " VALUES (?, ?, NULL, ?)",
-                    (address.email, subject, now),
-                )
-                conn.execute(
-                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
-                )
-    finally:
-        conn.close()
+    seed_confirmed(m, db, list_id, emails)
 
 
 def db_of(settings: Settings) -> Path:

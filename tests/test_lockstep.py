@@ -8,7 +8,6 @@ four connections r_{i+1} may already be in flight; the oracle is then the outbox
 its opt-out was answered may ever be sent.
 """
 
-import sqlite3
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -25,7 +24,7 @@ from mailer.bootstrap import Mailer, open_mailer
 from mailer.domain.ledger import Evidence
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.web.app import create_app
-from tests.conftest import SECRET, auth, init_db, make_settings
+from tests.conftest import SECRET, auth, init_db, make_settings, seed_confirmed
 from tests.harness import SinkServer, query, wait_until
 
 N = 40
@@ -135,24 +134,7 @@ def rows(db: Path, campaign: int) -> dict[str, Row]:
 def seed(m: Mailer, db: Path) -> None:
     """``EMAILS`` as confirmed subscribers of "news", in id order, inserted directly (fast)."""
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for raw in EMAILS:
-                address, subject = m.consent.identify(raw)
-                cur = conn.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at)"
-                    " VALUES (?, ?, NULL, ?)",
-                    (address.email, subject, now),
-                )
-                conn.execute(
-                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
-                )
-    finally:
-        conn.close()
+    seed_confirmed(m, db, list_id, EMAILS)
 
 
 async def run_lockstep(
