@@ -356,8 +356,3 @@ def fail_interrupted(conn: Connection, now: datetime) -> int:
         )
     )
     return int(result.rowcount)
-
-
-def counts(conn: Connection) -> dict[str, int]:
-    q = select(outbox.c.status, func.count()).group_by(outbox.c.status)
-    return {status: int(n) for status, n in conn.execute(q)}
