@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mailer.config import Settings
+from mailer.domain.feedback import SoftBounceRule
 from mailer.domain.tokens import TokenCodec
 from mailer.render import Renderer
 from mailer.services.apikeys import ApiKeys
 from mailer.services.campaigns import Campaigns
+from mailer.services.feedback import FeedbackService
 from mailer.services.importing import Importer
 from mailer.services.lists import Lists
 from mailer.services.messages import MessageConfig, MessageFactory
@@ -44,6 +46,7 @@ class Mailer:
     campaigns: Campaigns
     policy: Policy
     imports: Importer
+    feedback: FeedbackService
     worker: Worker | None = None
     capture: CaptureServer | None = None
 
@@ -142,6 +145,15 @@ async def open_mailer(
                 clock,
                 timedelta(minutes=settings.confirm_resend_minutes),
                 on_enqueued=wake_senders,
+            ),
+            feedback=FeedbackService(
+                db,
+                consent,
+                clock,
+                metrics,
+                SoftBounceRule(
+                    settings.soft_bounce_limit, timedelta(days=settings.soft_bounce_days)
+                ),
             ),
         )
         if sending:
