@@ -181,7 +181,7 @@ def deliveries_of(conn: Connection, subscriber_id: int) -> list[DeliveryRow]:
         .where(outbox.c.subscriber_id == subscriber_id)
         .order_by(outbox.c.created_at, outbox.c.id)
     )
-    return [DeliveryRow(*r) for r in conn.execute(q)]
+    return [DeliveryRow(*tuple(r)) for r in conn.execute(q)]
 
 
 def count_deliveries(conn: Connection, subscriber_id: int) -> int:
