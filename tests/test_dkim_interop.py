@@ -23,6 +23,7 @@ if libopendkim.LIBRARY is None:
         pytest.fail(f"{reason} (DKIM_INTEROP_TESTS=required)", pytrace=False)
     pytest.skip(reason, allow_module_level=True)
 
+EVIL = b"List-Unsubscribe: <https://evil.example/u>"
 ALGORITHM = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
 
 
@@ -51,9 +52,9 @@ async def test_every_kind_of_message_verifies_with_opendkim(
             rb"(List-Unsubscribe: <)https?://", rb"\1https://evil.example/", raw
         ),
         "a changed Subject": raw.replace(b"Subject: The November", b"Subject: The Nevember"),
-        "a List-Unsubscribe added on top": (
-            head + b"\r\nList-Unsubscribe: <https://evil.example/u>\r\n\r\n" + body
-        ),
+        "a List-Unsubscribe added below": head + b"\r\n" + EVIL + b"\r\n\r\n" + body,
+        # verifiers read the bottom-most copy first: only over-signing catches one above
+        "a List-Unsubscribe added above": EVIL + b"\r\n" + raw,
         "a changed body": raw.replace(b"Hello", b"Hullo"),
     }
     for change, changed in tampered.items():
