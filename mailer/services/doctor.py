@@ -6,6 +6,7 @@ Running the private instance itself (a scratch database, sink and web server) is
 job, since it needs the composition root and the web app.
 """
 
+import asyncio
 import email
 import email.policy
 import html
@@ -431,24 +432,25 @@ question cannot be answered (``mailer.transport.dns.lookup_txt``; tests pass a s
 async def dkim_dns(settings: Settings, lookup: TxtLookup) -> Check:
     """Whether the DKIM records are published and carry the keys mailer signs with.
 
-    DNS that cannot be reached is not a failure (``skip``): the records are printed anyway.
+    Only for a configuration that signs. DNS that cannot be reached is not a failure
+    (``skip``): the records are printed anyway.
     """
     name = "DKIM DNS records"
-    if not dkim_configured(settings):
-        return Check(name, Status.SKIP, "mailer does not sign (DKIM not configured)")
     try:
         keys = dkim_keys(settings)
     except (OSError, ValueError, MailerError) as exc:
         return Check(name, Status.FAIL, f"cannot read the DKIM keys: {_describe(exc)}")
+    records = [
+        dkim_record(k.selector, str(settings.dkim_domain), k.public_record) for k in keys.values()
+    ]
+    answers = await asyncio.gather(*(lookup(r.name) for r in records), return_exceptions=True)
     wrong, missing, unknown, good = [], [], [], []
-    for key in keys.values():
-        record = dkim_record(key.selector, str(settings.dkim_domain), key.public_record)
-        try:
-            found = await lookup(record.name)
-        except DnsUnavailable as exc:
-            unknown.append(f"{record.name} ({exc})")
-            continue
-        if found is None:
+    for record, found in zip(records, answers, strict=True):
+        if isinstance(found, DnsUnavailable):
+            unknown.append(f"{record.name} ({found})")
+        elif isinstance(found, BaseException):
+            raise found
+        elif found is None:
             missing.append(record.name)
         elif same_dkim_key(found, record.value):
             good.append(record.name)
@@ -458,14 +460,14 @@ async def dkim_dns(settings: Settings, lookup: TxtLookup) -> Check:
         return Check(
             name,
             Status.FAIL,
-            f"{', '.join(wrong)} publishes another key than the key file: receivers will fail "
-            "every signature; publish the record printed below",
+            f"another key than the key file's is published at {', '.join(wrong)}: receivers "
+            "will fail every signature; publish the record printed below",
         )
     if missing:
         return Check(
             name,
             Status.WARN,
-            f"{', '.join(missing)} is not published yet: publish the record printed below",
+            f"not published yet: {', '.join(missing)}; publish the record printed below",
         )
     if unknown:
         return Check(

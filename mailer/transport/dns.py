@@ -8,7 +8,8 @@ TIMEOUT_SECONDS = 3.0
 
 
 class DnsUnavailable(Exception):
-    """The question could not be answered: no resolver, a timeout, every server failing."""
+    """The question could not be answered: no resolver, a timeout, every server failing.
+    The message is the kind of failure (e.g. ``LifetimeTimeout``)."""
 
 
 async def lookup_txt(name: str) -> str | None:
@@ -18,7 +19,7 @@ async def lookup_txt(name: str) -> str | None:
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return None
     except (dns.exception.DNSException, OSError) as exc:
-        raise DnsUnavailable(f"{type(exc).__name__}: {exc}") from None
+        raise DnsUnavailable(type(exc).__name__) from None
     for record in answer:
         return b"".join(record.strings).decode("ascii", "replace")
     return None
