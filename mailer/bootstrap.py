@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mailer.config import Settings
+from mailer.domain.feedback import SoftBounceRule
 from mailer.domain.tokens import TokenCodec
 from mailer.render import Renderer
 from mailer.services.apikeys import ApiKeys
 from mailer.services.campaigns import Campaigns
+from mailer.services.feedback import FeedbackService
 from mailer.services.importing import Importer
 from mailer.services.lists import Lists
 from mailer.services.messages import MessageConfig, MessageFactory
@@ -44,6 +46,7 @@ class Mailer:
     campaigns: Campaigns
     policy: Policy
     imports: Importer
+    feedback: FeedbackService
     worker: Worker | None = None
     capture: CaptureServer | None = None
 
@@ -143,6 +146,15 @@ async def open_mailer(
                 timedelta(minutes=settings.confirm_resend_minutes),
                 on_enqueued=wake_senders,
             ),
+            feedback=FeedbackService(
+                db,
+                consent,
+                clock,
+                metrics,
+                SoftBounceRule(
+                    settings.soft_bounce_limit, timedelta(days=settings.soft_bounce_days)
+                ),
+            ),
         )
         if sending:
             capture = None
@@ -157,7 +169,9 @@ async def open_mailer(
                 rate_per_second=settings.smtp_rate,
             )
             prefetch = 2 * settings.smtp_connections
-            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, _signer(settings))
+            signer = _signer(settings)
+            stack.callback(signer.close)
+            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, signer)
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
                 sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds

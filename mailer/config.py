@@ -82,6 +82,9 @@ class Settings(BaseModel):
     """Messages per second per process; 0 is as fast as the relay accepts."""
     smtp_give_up_hours: float = Field(24.0, gt=0)
     worker_poll_seconds: float = Field(1.0, gt=0)
+    soft_bounce_limit: int = Field(5, ge=1)
+    """Soft bounces within ``soft_bounce_days`` after which an address is suppressed."""
+    soft_bounce_days: int = Field(30, ge=1)
 
     @field_validator("secret_keys", "dkim_selector", "dkim_key_file", mode="before")
     @classmethod

@@ -167,6 +167,21 @@ class Outbox(SQLModel, table=True):
     the time an unsubscribe was answered."""
     created_at: datetime
     updated_at: datetime
+    feedback: str | None = Field(default=None, max_length=16)
+    """The strongest report about this delivery after it left: hard-bounce, soft-bounce,
+    complaint (``mailer.domain.feedback.FeedbackKind``)."""
+    feedback_detail: str | None = Field(default=None, max_length=400)
+    feedback_at: datetime | None = None
+
+
+class BounceScore(SQLModel, table=True):
+    """Soft bounces counted for one address (by hash) within the current window."""
+
+    __tablename__ = "bounce_score"
+
+    email_hash: str = Field(sa_column=Column(String(32), primary_key=True))
+    soft_count: int
+    since: datetime
 
 
 class InstanceSetting(SQLModel, table=True):
