@@ -63,7 +63,7 @@ class Settings(BaseModel):
     privacy_contact: str = "privacy@example.org"
     inbound_host: str = "127.0.0.1"
     inbound_port: int | None = Field(None, ge=0, le=65535)
-    """Unset: inbound mail (bounces, complaints, ``mailto:`` unsubscribe) is off. 0: any free port."""
+    """Unset: inbound mail (bounces, complaints, ``mailto:`` unsubscribe) is off. 0: any port."""
     bounce_domain: str | None = None
     """The domain of the inbound addresses; unset: the domain of ``from``."""
     dkim_domain: str | None = None
