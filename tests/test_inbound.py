@@ -229,6 +229,20 @@ async def test_a_report_to_the_verp_address_marks_its_delivery(
     assert len(sink.messages) == sent  # the listener never sends anything
 
 
+async def test_a_report_the_parsers_choke_on_is_accepted_and_changes_nothing(
+    mailer: Mailer, sink: SinkServer, settings: Settings
+) -> None:
+    """flufl.bounce raises on some malformed mail (here: an empty From); retrying cannot help,
+    so it is taken (250) and dropped, and later reports still work."""
+    await subscribed(mailer, settings, ["ivy@example.com"])
+    copy = (await campaign_to(mailer, sink, ["ivy@example.com"]))["ivy@example.com"]
+    before = feedback_state(settings)
+    await deliver(mailer, copy.mail_from, b"From: \r\nSubject: x\r\n\r\nhello\r\n")
+    assert feedback_state(settings) == before
+    await deliver(mailer, copy.mail_from, fill("exim-hard", copy))
+    assert (await mailer.people.show("ivy@example.com")).suppression == "bounced"
+
+
 async def test_soft_bounces_suppress_at_the_limit_and_a_repeated_dsn_counts_once(
     mailer: Mailer, sink: SinkServer, settings: Settings
 ) -> None:
@@ -294,6 +308,19 @@ async def test_a_complaint_naming_the_person_only_by_the_https_link_suppresses(
     kim = await export_of(mailer, "kim@example.com")
     assert kim["suppression"] == "complained"
     assert {d["feedback"] for d in kim["deliveries"]} == {None}  # no message was named
+
+
+async def test_a_complaint_sent_to_the_verp_address_is_about_that_message(
+    mailer: Mailer, sink: SinkServer, settings: Settings
+) -> None:
+    """Some feedback loops report to the envelope sender: its signed token names the message
+    even when the enclosed copy carries no genuine token."""
+    await subscribed(mailer, settings, ["joy@example.com"])
+    copy = (await campaign_to(mailer, sink, ["joy@example.com"]))["joy@example.com"]
+    await deliver(mailer, copy.mail_from, fill("arf-forged", copy), "abuse@example.com")
+    joy = await export_of(mailer, "joy@example.com")
+    assert joy["suppression"] == "complained"
+    assert [d["feedback"] for d in joy["deliveries"]] == ["complaint"]
 
 
 async def test_forged_or_unsigned_reports_suppress_nobody(

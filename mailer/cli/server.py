@@ -37,6 +37,7 @@ def _logging() -> None:
     logging.getLogger("aiosmtpd").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)  # mailer.inbound logs its errors
 
 
 async def _until_signal() -> None:
