@@ -120,7 +120,7 @@ def test_needs_a_key() -> None:
 
 # -- row tokens (VERP bounce and mailto unsubscribe addresses) --------------------------------
 
-ROW_IDS = st.integers(0, 36**13 - 1)
+ROW_IDS = st.integers(0, 16**16 - 1)
 LOCAL_PART_MAX = 64
 
 
@@ -133,7 +133,7 @@ def test_row_token_round_trip_in_any_case(row_id: int, purpose: RowPurpose) -> N
     assert rows.read(purpose, token) == row_id
     assert rows.read(purpose, token.upper()) == row_id
     assert token == token.lower()
-    assert set(token) <= set(string.ascii_lowercase + string.digits + "-")
+    assert set(token) <= set(string.hexdigits.lower() + "-")
     assert len(f"unsubscribe+{token}") <= LOCAL_PART_MAX
 
 
@@ -164,11 +164,11 @@ def test_row_token_of_another_row_or_purpose_is_refused() -> None:
     with pytest.raises(BadToken):
         rows.read(RowPurpose.UNSUBSCRIBE, bounce)
     ident, _, mac = bounce.partition("-")
-    assert ident == "15"  # 41 in base 36
+    assert ident == "29"  # 41 in hex
     with pytest.raises(BadToken):
-        rows.read(RowPurpose.BOUNCE, f"16-{mac}")
+        rows.read(RowPurpose.BOUNCE, f"2a-{mac}")
     with pytest.raises(BadToken):  # the MAC covers the spelling: no second name for a row
-        rows.read(RowPurpose.BOUNCE, f"015-{mac}")
+        rows.read(RowPurpose.BOUNCE, f"029-{mac}")
 
 
 def test_row_tokens_first_key_signs_all_keys_verify() -> None:

@@ -11,7 +11,6 @@ the VERP bounce address and the ``mailto:`` unsubscribe address. Same key rule, 
 per purpose.
 """
 
-import base64
 import hmac
 import re
 from collections.abc import Callable, Sequence
@@ -102,9 +101,8 @@ def _decode(payload: bytes) -> LinkClaim:
 
 
 ROW_MAC_BYTES = 10
-"""80 bits of HMAC-SHA256: 16 base32 characters."""
-_ROW_TOKEN = re.compile(r"([0-9a-z]{1,13})-([a-z2-7]{16})")
-_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+"""80 bits of HMAC-SHA256: 20 hex digits."""
+_ROW_TOKEN = re.compile(r"([0-9a-f]{1,16})-([0-9a-f]{20})")
 
 
 class RowPurpose(StrEnum):
@@ -115,12 +113,13 @@ class RowPurpose(StrEnum):
 
 
 class RowTokens:
-    """Mints and verifies ``<base36 row id>-<80-bit MAC in base32>`` tokens naming an outbox row.
+    """Mints and verifies ``<row id in hex>-<80-bit MAC in hex>`` tokens naming an outbox row.
 
-    Local parts are at most 64 octets and some MTAs case-fold them, so the alphabet is
-    lower-case letters and digits, and reading ignores case. The MAC is compared in constant
-    time. Tokens never expire: a bounce can arrive days later, and a ``mailto:`` unsubscribe
-    must keep working like the link (G4).
+    Local parts are at most 64 octets and some MTAs case-fold them, so the alphabet is hex
+    digits (at most 37 characters), and reading ignores case. Hex rather than base32: a token
+    is minted twice per message on the send path, and ``bytes.hex`` is ~60 times faster than
+    ``base64.b32encode``. The MAC is compared in constant time. Tokens never expire: a bounce
+    can arrive days later, and a ``mailto:`` unsubscribe must keep working like the link (G4).
     """
 
     def __init__(self, keys: Sequence[str]) -> None:
@@ -136,7 +135,9 @@ class RowTokens:
 
     def mint(self, purpose: RowPurpose, row_id: int) -> str:
         """A token naming ``row_id``, signed with the first key."""
-        ident = _base36(row_id)
+        if row_id < 0:
+            raise ValueError("row ids are not negative")
+        ident = f"{row_id:x}"
         return f"{ident}-{_row_mac(self._keys[purpose][0], ident)}"
 
     def read(self, purpose: RowPurpose, token: str) -> int:
@@ -147,20 +148,8 @@ class RowTokens:
         ident, mac = match.groups()
         if not any(hmac.compare_digest(_row_mac(key, ident), mac) for key in self._keys[purpose]):
             raise BadToken("this token is not valid")
-        return int(ident, 36)
-
-
-def _base36(number: int) -> str:
-    if number < 0:
-        raise ValueError("row ids are not negative")
-    digits = ""
-    while True:
-        number, digit = divmod(number, 36)
-        digits = _BASE36[digit] + digits
-        if not number:
-            return digits
+        return int(ident, 16)
 
 
 def _row_mac(key: bytes, ident: str) -> str:
-    digest = hmac.digest(key, ident.encode("ascii"), "sha256")[:ROW_MAC_BYTES]
-    return base64.b32encode(digest).decode("ascii").lower()
+    return hmac.digest(key, ident.encode("ascii"), "sha256")[:ROW_MAC_BYTES].hex()

@@ -12,6 +12,7 @@
 Every recipient was vetted at RCPT time; nothing is ever sent in reply.
 """
 
+import asyncio
 import logging
 
 from mailer.domain.bounces import classify_bounce, parse
@@ -68,12 +69,8 @@ class InboundMail:
             evidence = Evidence(channel=Channel.MAIL.value, actor="subscriber", ip=peer)
             applied = await self._feedback.unsubscribe_delivery(box.outbox_id, evidence)
             return f"unsubscribe:{applied} outbox_id={box.outbox_id}"
-        try:
-            message = parse(data)
-            report = read_report(message)
-            bounce = (
-                None if report or isinstance(box, FeedbackLoopBox) else classify_bounce(message)
-            )
+        try:  # parsing up to 10 MiB is CPU work: off the loop that also sends
+            report, bounce = await asyncio.to_thread(_read, data, isinstance(box, BounceBox))
         except Exception:  # a report no parser can read: retrying would not help
             log.warning("inbound.unreadable", exc_info=True)
             return "unreadable"
@@ -112,3 +109,12 @@ class InboundMail:
                 applied = await self._feedback.for_subject(subject, COMPLAINT, evidence)
                 return f"complaint:{applied} by-link"
         return "complaint:unsigned-ignored"
+
+
+def _read(data: bytes, may_bounce: bool) -> tuple[FeedbackReport | None, Feedback | None]:
+    """The ARF report in a message or, failing that and where bounces arrive, its bounce."""
+    message = parse(data)
+    report = read_report(message)
+    if report is not None or not may_bounce:
+        return report, None
+    return None, classify_bounce(message)
