@@ -67,9 +67,10 @@ async def init_db(settings: Settings) -> None:
 
 @pytest.fixture
 async def mailer(settings: Settings) -> AsyncIterator[Mailer]:
-    """A running mailer with its worker sending to the sink."""
+    """A running mailer with its worker sending to the sink (and its inbound listener, when
+    the settings configure one)."""
     await init_db(settings)
-    async with open_mailer(settings, sending=True) as running:
+    async with open_mailer(settings, sending=True, listening=True) as running:
         yield running
 
 

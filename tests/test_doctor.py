@@ -15,6 +15,8 @@ from mailer.cli import doctor as doctor_cli
 from mailer.cli.main import main
 from mailer.config import PACKAGE_TEMPLATES, Settings, load_settings
 from mailer.domain.compose import Envelope, Rendered, compose
+from mailer.domain.inbound import InboundAddresses
+from mailer.domain.tokens import RowTokens
 from mailer.services import doctor as doctor_checks
 from mailer.services.doctor import (
     DKIM_COVERS,
@@ -23,6 +25,7 @@ from mailer.services.doctor import (
     dkim_keys,
     dkim_problems,
     dns_records,
+    inbound_problems,
     message_problems,
 )
 from mailer.transport.dkim import DkimSigner, key_from_pem, load_keys, new_private_key
@@ -253,6 +256,21 @@ async def test_base_url_must_be_https_unless_loopback(
     assert rows["one-click POST (urlencoded)"][0] == "pass"
 
 
+async def test_with_inbound_mail_on_each_message_offers_mailto_and_a_verp_sender(
+    live: Live, sink: SinkServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message rows also check the mailto: entry and the envelope sender; the private
+    instance does not bind the live inbound port."""
+    monkeypatch.setenv("MAILER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("MAILER_SMTP_PORT", str(sink.port))
+    monkeypatch.setenv("MAILER_INBOUND_PORT", str(sink.port))  # taken: doctor must not bind it
+    monkeypatch.setenv("MAILER_BOUNCE_DOMAIN", "bounces.forening.se")
+    code, rows = await live.doctor()
+    assert code == 0, rows
+    for name in ("message: confirmation request", "message: campaign"):
+        assert rows[name][0] == "pass" and "mailto:" in rows[name][1], rows[name]
+
+
 async def test_several_signing_keys_pass(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys from MAILER_SECRET_KEYS: the first signs, every key verifies; no key file needed."""
     monkeypatch.setenv("MAILER_SECRET_KEYS", f"{'n' * 40},{'o' * 40}")
@@ -446,6 +464,39 @@ def test_dkim_check_wants_every_header_covered_and_over_signed(
     signature = dkim.sign(raw, b"rsasel", DKIM_DOMAIN.encode(), pem, include_headers=headers)
     assert dkim_problems(signature + raw, settings, keys) == [
         f"DKIM s=rsasel: {p}" for p in problems
+    ]
+
+
+def test_inbound_problems_are_named() -> None:
+    """With inbound mail on: a genuine mailto: after the https URL, a genuine VERP sender,
+    both naming the same message."""
+    inbound = InboundAddresses(RowTokens(["k"]), "bounces.forening.se")
+    mailto = inbound.unsubscribe_mailto(5)
+    raw = message_bytes().replace(
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>".encode(),
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>, <{mailto}>".encode(),
+    )
+    assert inbound_problems(raw, inbound.bounce(5), inbound) == []
+    assert inbound_problems(message_bytes(), inbound.bounce(5), inbound) == [
+        "List-Unsubscribe offers no mailto: address"
+    ]
+    assert inbound_problems(raw, "nyheter@forening.se", inbound) == [
+        "the envelope sender is not a genuine bounces+TOKEN@bounces.forening.se"
+    ]
+    assert inbound_problems(raw, inbound.bounce(6), inbound) == [
+        "the mailto: address and the envelope sender name different messages"
+    ]
+    forged = raw.replace(mailto.encode(), mailto.replace("-", "-x", 1).encode())
+    assert inbound_problems(forged, inbound.bounce(5), inbound) == [
+        "the mailto: entry is not a genuine unsubscribe+TOKEN@bounces.forening.se"
+        "?subject=unsubscribe"
+    ]
+    swapped = message_bytes().replace(
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>".encode(),
+        f"List-Unsubscribe: <{mailto}>, <{UNSUBSCRIBE}>".encode(),
+    )
+    assert inbound_problems(swapped, inbound.bounce(5), inbound) == [
+        "List-Unsubscribe lists the mailto: address before the https URL"
     ]
 
 

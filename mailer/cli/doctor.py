@@ -34,7 +34,9 @@ from mailer.bootstrap import Mailer, open_mailer
 from mailer.cli.output import AsJson, console, print_json
 from mailer.config import Settings, load_settings
 from mailer.domain.dns_advice import DnsRecord
+from mailer.domain.inbound import InboundAddresses
 from mailer.domain.ledger import Evidence
+from mailer.domain.tokens import RowTokens
 from mailer.errors import ConfigError, MailerError, NotFound
 from mailer.services import doctor as checks
 from mailer.services.doctor import Check, Expected, Status
@@ -62,10 +64,13 @@ class _Kept:
 
     def __init__(self) -> None:
         self.messages: list[bytes] = []
+        self.senders: list[str] = []
+        """The envelope sender (MAIL FROM) of each message, in the same order."""
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or envelope.content
         raw = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        self.senders.append(str(envelope.mail_from))
         self.messages.append(raw)
         return "250 2.0.0 kept by mailer doctor"
 
@@ -179,7 +184,8 @@ class Walk:
             self.add(name, Status.FAIL, f"not delivered to the private sink: {detail}")
             return None
         self.captured[kind] = raw
-        self.rows.append(checks.message(kind, raw, self.expected))
+        sender = self.kept.senders[self._seen - 1]
+        self.rows.append(checks.message(kind, raw, self.expected, sender))
         return raw
 
     def confirm_link(self, raw: bytes) -> str | None:
@@ -329,6 +335,13 @@ class Walk:
         self.add(name, Status.PASS, f"200, no redirect or cookie; unsubscribed {scope}")
 
 
+def inbound_addresses(live: Settings, keys: list[str]) -> InboundAddresses | None:
+    """What the messages must carry when inbound mail is on (read with the live keys)."""
+    if not live.inbound_enabled:
+        return None
+    return InboundAddresses(RowTokens(keys), live.inbound_domain)
+
+
 def _describe(exc: Exception) -> str:
     return exc.message if isinstance(exc, MailerError) else f"{type(exc).__name__}: {exc}"
 
@@ -354,7 +367,10 @@ async def self_test(
                     await web.TCPSite(runner, "127.0.0.1", 0).start()
                     port = runner.addresses[0][1]
                     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-                        walk = Walk(mailer, kept, http, Expected(live.base_url, ADDRESS, live))
+                        expected = Expected(
+                            live.base_url, ADDRESS, live, inbound_addresses(live, keys)
+                        )
+                        walk = Walk(mailer, kept, http, expected)
                         try:
                             token = await walk.run(layouts, announce)
                         except Exception as exc:  # a step broke: keep the rows so far

@@ -37,6 +37,7 @@ from mailer.domain.dns_advice import (
     same_dkim_key,
     spf_advice,
 )
+from mailer.domain.inbound import BounceBox, InboundAddresses, UnsubscribeBox
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.errors import BadToken, MailerError
 from mailer.render import Renderer
@@ -583,6 +584,9 @@ class Expected:
     base_url: str
     to_addr: str
     settings: Settings
+    inbound: InboundAddresses | None = None
+    """Set when inbound mail is on: every message must then offer a ``mailto:`` unsubscribe
+    address and leave with a VERP envelope sender, both naming its outbox row."""
 
 
 def raw_headers(raw: bytes) -> list[tuple[str, bytes]]:
@@ -675,14 +679,48 @@ def message_problems(raw: bytes, expected: Expected) -> list[str]:
     return problems
 
 
-def message(kind: str, raw: bytes, expected: Expected) -> Check:
+def inbound_problems(raw: bytes, sender: str, inbound: InboundAddresses) -> list[str]:
+    """The ``mailto:`` entry after the https URL and the VERP envelope sender, both genuine
+    and naming the same message."""
+    entries = [
+        entry.decode("ascii", "replace")
+        for name, value in raw_headers(raw)
+        if name == "list-unsubscribe"
+        for entry in _UNSUBSCRIBE_ENTRY.findall(value)
+    ]
+    mailtos = [e for e in entries if e.startswith("mailto:")]
+    bounce = inbound.resolve(sender)
+    problems = []
+    if not isinstance(bounce, BounceBox):
+        problems.append(f"the envelope sender is not a genuine bounces+TOKEN@{inbound.domain}")
+    if not mailtos:
+        return [*problems, "List-Unsubscribe offers no mailto: address"]
+    if entries[0].startswith("mailto:"):
+        problems.append("List-Unsubscribe lists the mailto: address before the https URL")
+    address, _, query = mailtos[0].removeprefix("mailto:").partition("?")
+    box = inbound.resolve(address)
+    if not isinstance(box, UnsubscribeBox) or query != "subject=unsubscribe":
+        problems.append(
+            f"the mailto: entry is not a genuine unsubscribe+TOKEN@{inbound.domain}"
+            "?subject=unsubscribe"
+        )
+    elif isinstance(bounce, BounceBox) and bounce.outbox_id != box.outbox_id:
+        problems.append("the mailto: address and the envelope sender name different messages")
+    return problems
+
+
+def message(kind: str, raw: bytes, expected: Expected, sender: str) -> Check:
+    """The message check of one kind, on the bytes and envelope sender the sink received."""
     problems = message_problems(raw, expected)
+    if expected.inbound is not None:
+        problems += inbound_problems(raw, sender, expected.inbound)
     name = f"message: {kind}"
     if problems:
         return Check(name, Status.FAIL, "; ".join(problems))
+    inbound = "" if expected.inbound is None else " + mailto: (and a VERP envelope sender)"
     return Check(
         name,
         Status.PASS,
-        "List-Unsubscribe (https? URL) + One-Click, List-Id, Message-ID, Date, From, To; "
-        "text and HTML show the link, organisation, address and privacy contact",
+        f"List-Unsubscribe (https? URL){inbound} + One-Click, List-Id, Message-ID, Date, From, "
+        "To; text and HTML show the link, organisation, address and privacy contact",
     )
