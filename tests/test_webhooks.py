@@ -4,6 +4,7 @@ The signature and body rules are tested directly; the route runs in the real aio
 against a real SQLite file, and every refusal is checked to leave the database as it was.
 """
 
+import asyncio
 import io
 import json
 import logging
@@ -363,6 +364,24 @@ async def test_an_oversized_body_gets_413(hooked: Hooked) -> None:
     }
     r = await hooked.client.post(EVENTS, data=chunks(), headers=headers)
     await _refused(hooked, r, 413, "too_large", before)
+
+
+async def test_a_declared_oversized_body_is_refused_before_it_is_read(hooked: Hooked) -> None:
+    """Content-Length over the limit: 413 at once, without waiting for (or buffering) a byte."""
+    assert hooked.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", hooked.client.server.port)
+    stamp = int(hooked.clock.now().timestamp())
+    writer.write(
+        f"POST {EVENTS} HTTP/1.1\r\nHost: mailer.test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BODY + 1}\r\nX-Mailer-Timestamp: {stamp}\r\n"
+        f"X-Mailer-Signature: {header(NEW, timestamp=stamp)}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    try:
+        status = await asyncio.wait_for(reader.readline(), timeout=5)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 413 "), status
 
 
 async def test_a_body_at_the_limit_is_accepted(hooked: Hooked) -> None:
