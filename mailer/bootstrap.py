@@ -169,7 +169,9 @@ async def open_mailer(
                 rate_per_second=settings.smtp_rate,
             )
             prefetch = 2 * settings.smtp_connections
-            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, _signer(settings))
+            signer = _signer(settings)
+            stack.callback(signer.close)
+            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, signer)
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
                 sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds

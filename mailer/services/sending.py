@@ -147,19 +147,27 @@ class Sender:
         return 0.0
 
     async def send_one(self) -> bool:
-        """Hand off one due message (or settle it without sending); False when none was due."""
+        """Hand off one due message (or settle it without sending); False when none was due.
+
+        The message is built and signed first, so that nothing but the consent check stands
+        between that check and the hand-off.
+        """
         async with self._transport.connection() as conn:
             message = await self._next()
             if message is None:
                 return False
             if self._bucket is not None:
                 self._bucket.spend(self._clock.monotonic())
+            ready = await self._prepare(message)
             checked = self._clock.monotonic()
             verdict = await self._check(message)
             if verdict is not None:
                 self.recorder.add(verdict)
                 return True
-            await self._deliver(conn, message, checked, self._clock.now())
+            if isinstance(ready, str):  # could not be built: nothing has left the machine
+                self._finish(message, self._clock.now(), OutboxStatus.FAILED, ready)
+                return True
+            await self._deliver(conn, message, ready, checked, self._clock.now())
         return True
 
     async def release(self) -> None:
@@ -227,26 +235,43 @@ class Sender:
             self._campaigns[message.campaign_id] = campaign
         return self._factory.campaign(message, campaign)
 
-    async def _deliver(
-        self, conn: MailConnection, message: Claimed, checked: float, checked_at: datetime
-    ) -> None:
-        def done(status: OutboxStatus, reason: str | None, bounced: str | None = None) -> None:
-            self.recorder.add(
-                Outcome(message.outbox_id, status, reason, None, True, bounced, checked_at)
-            )
-            self._metrics.messages.labels(message.kind.value, status.value).inc()
-
+    async def _prepare(self, message: Claimed) -> tuple[Built, bytes] | str:
+        """The message and its signed bytes; or, when it cannot be built, the failure reason."""
         try:
             built = await self._build(message)
-            data = self._signer.sign(built.data)
+            return built, await self._signer.sign(built.data)
         except MissingUnsubscribe as exc:
-            done(OutboxStatus.FAILED, f"not sent: {exc.message}")
-            return
+            return f"not sent: {exc.message}"
         except Exception as exc:  # a bug or a broken template: nothing has left the machine
             log.exception("outbox.build_failed outbox_id=%d", message.outbox_id)
             detail = exc.message if isinstance(exc, MailerError) else type(exc).__name__
-            done(OutboxStatus.FAILED, f"not sent: the message could not be built ({detail})")
-            return
+            return f"not sent: the message could not be built ({detail})"
+
+    def _finish(
+        self,
+        message: Claimed,
+        checked_at: datetime,
+        status: OutboxStatus,
+        reason: str | None,
+        bounced: str | None = None,
+    ) -> None:
+        self.recorder.add(
+            Outcome(message.outbox_id, status, reason, None, True, bounced, checked_at)
+        )
+        self._metrics.messages.labels(message.kind.value, status.value).inc()
+
+    async def _deliver(
+        self,
+        conn: MailConnection,
+        message: Claimed,
+        ready: tuple[Built, bytes],
+        checked: float,
+        checked_at: datetime,
+    ) -> None:
+        def done(status: OutboxStatus, reason: str | None, bounced: str | None = None) -> None:
+            self._finish(message, checked_at, status, reason, bounced)
+
+        built, data = ready
         try:
             result = await conn.send(built.sender, message.email, data, built.smtputf8)
         except Exception as exc:  # transports return outcomes; this is a bug mid-hand-off
