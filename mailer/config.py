@@ -31,8 +31,9 @@ DEFAULT_CONFIG_FILE = Path("config/mailer.toml")
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-SECRET_FIELDS = frozenset({"secret_keys", "smtp_password"})
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
+SECRET_FIELDS = frozenset({"secret_keys", "smtp_password", "webhook_secrets"})
+WEBHOOK_SECRET_MIN_LENGTH = 16
 
 
 def _split_csv(value: object) -> object:
@@ -85,11 +86,26 @@ class Settings(BaseModel):
     soft_bounce_limit: int = Field(5, ge=1)
     """Soft bounces within ``soft_bounce_days`` after which an address is suppressed."""
     soft_bounce_days: int = Field(30, ge=1)
+    webhook_secrets: list[SecretStr] = Field(default_factory=list)
+    """HMAC keys for ``POST /api/v1/events``, comma-separated; any verifies (rotation).
+    None: the route answers 404."""
 
-    @field_validator("secret_keys", "dkim_selector", "dkim_key_file", mode="before")
+    @field_validator(
+        "secret_keys", "dkim_selector", "dkim_key_file", "webhook_secrets", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(v.get_secret_value()) < WEBHOOK_SECRET_MIN_LENGTH for v in value):
+            raise ValueError(
+                f"each secret needs at least {WEBHOOK_SECRET_MIN_LENGTH} characters "
+                f"(e.g. the output of `openssl rand -hex 32`)"
+            )
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -140,3 +140,15 @@ def test_dkim_settings_refuse_unsafe_or_unusable_keys(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=message) as caught:
             load_settings(environ=environ)
         assert "\n" not in str(caught.value)
+
+
+def test_webhook_secrets_are_a_list_of_long_secrets_never_echoed() -> None:
+    """MAILER_WEBHOOK_SECRETS is comma-separated; a short one is refused without showing it."""
+    assert load_settings(environ={}).webhook_secrets == []
+    s = load_settings(environ={"MAILER_WEBHOOK_SECRETS": f"{'n' * 16}, {'o' * 40}"})
+    assert [k.get_secret_value() for k in s.webhook_secrets] == ["n" * 16, "o" * 40]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"MAILER_WEBHOOK_SECRETS": f"{'n' * 16},tooshort-secret"})
+    assert "MAILER_WEBHOOK_SECRETS" in caught.value.message
+    assert "16 characters" in caught.value.message
+    assert "tooshort" not in caught.value.message

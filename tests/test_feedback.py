@@ -167,6 +167,9 @@ async def test_a_complaint_suppresses_as_complained_even_over_a_bounce(
     assert [d["feedback"] for d in erin["deliveries"] if d["id"] == row] == ["complaint"]
     channels = [e["channel"] for e in erin["consent_events"] if e["event"] == "suppressed"]
     assert channels == ["bounce", "complaint"]
+    # a later bounce says nothing about what she wants: the complaint stays
+    assert await m.feedback.for_address("erin@example.org", HARD, RELAY) is Applied.ALREADY
+    assert (await export_of(m, "erin@example.org"))["suppression"] == "complained"
     # a suppressed address gets no more mail: a new opt-in sends nothing
     before = len(sink.to("erin@example.org"))
     await m.consent.request_opt_in("erin@example.org", "news", None, RELAY)
