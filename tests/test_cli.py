@@ -2,13 +2,14 @@
 
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from mailer.cli.main import main
 from tests.conftest import Cli
+from tests.databases import active
+from tests.harness import query
 
 
 def test_init_is_idempotent_and_keeps_keys_private(cli: Cli, tmp_path: Path) -> None:
@@ -69,9 +70,7 @@ def test_subscriber_lifecycle(cli: Cli, tmp_path: Path) -> None:
     shown = json.loads(cli("subscriber", "show", "eve@example.org", "--json")[1])
     assert shown["email"] == "Eve@example.org"
     assert [(s["list"], s["status"]) for s in shown["subscriptions"]] == [("news", "pending")]
-    db = sqlite3.connect(tmp_path / "cli.db")
-    assert db.execute("SELECT kind, status FROM outbox").fetchall() == [("confirm", "queued")]
-    db.close()
+    assert query(tmp_path / "cli.db", "SELECT kind, status FROM outbox") == [("confirm", "queued")]
     code, out, _ = cli("subscriber", "unsubscribe", "eve@example.org", "--list", "news")
     assert code == 0
     shown = json.loads(cli("subscriber", "show", "eve@example.org", "--json")[1])
@@ -131,10 +130,7 @@ def test_ledger_verify(cli: Cli, tmp_path: Path) -> None:
         "broken_at": None,
         "problem": None,
     }
-    db = sqlite3.connect(tmp_path / "cli.db")
-    db.execute("UPDATE consent_event SET actor='someone else' WHERE seq=1")
-    db.commit()
-    db.close()
+    query(tmp_path / "cli.db", "UPDATE consent_event SET actor='someone else' WHERE seq=1")
     code, out, err = cli("ledger", "verify")
     assert code == 1 and "entry 1" in err
 
@@ -161,7 +157,7 @@ def test_uninitialised_database_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Commands before `mailer init` say what to run."""
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.empty(tmp_path / "new.db"))
     monkeypatch.setenv("MAILER_SECRET_KEYS", "k")
     assert main(["list", "ls"]) == 1
     assert "mailer init" in capsys.readouterr().err

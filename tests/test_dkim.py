@@ -1,7 +1,6 @@
 """DKIM: every outgoing message is signed (RSA, Ed25519 or both) and verifies with dkimpy."""
 
 import re
-import sqlite3
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mailer.cli.main import main
 from mailer.domain.ledger import Evidence
 from mailer.transport.dkim import DkimSigner, key_from_pem, load_keys, new_private_key
 from tests.conftest import init_db, make_settings
+from tests.databases import active
 from tests.harness import Captured, SinkServer, wait_until
 
 DOMAIN = "example.org"
@@ -73,18 +73,17 @@ async def send_every_kind(m: Mailer, db: Path, sink: SinkServer) -> dict[str, Ca
     list_id = (await m.lists.create("news", "Example News")).id
     await m.consent.request_opt_in("new@example.org", "news", None, STAFF)
     now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db)
-    with conn:
-        cur = conn.execute(
-            "INSERT INTO subscriber (email, email_hash, name, created_at) VALUES (?,?,NULL,?)",
+    with active.connect(db) as conn, conn:
+        (sid,) = conn.execute(
+            "INSERT INTO subscriber (email, email_hash, name, created_at) VALUES (?,?,NULL,?)"
+            " RETURNING id",
             ("reader@example.org", m.consent.identify("reader@example.org")[1], now),
-        )
+        ).fetchone()
         conn.execute(
             "INSERT INTO subscription (subscriber_id, list_id, status, created_at, updated_at,"
             " confirmed_at) VALUES (?,?,'confirmed',?,?,?)",
-            (cur.lastrowid, list_id, now, now, now),
+            (sid, list_id, now, now, now),
         )
-    conn.close()
     await wait_until(lambda: len(sink.messages) == 1, 10, "the confirmation request")
     cid = await m.campaigns.create("news", "The November issue", "Hello *world*", "campaign")
     await m.campaigns.send(cid)

@@ -14,6 +14,7 @@ from mailer.cli.main import main
 from mailer.config import PACKAGE_TEMPLATES, Settings, load_settings
 from mailer.domain.compose import Envelope, Rendered, compose
 from mailer.services.doctor import Expected, dkim_problems, message_problems
+from tests.databases import active
 from tests.harness import SinkServer, query, snapshot
 
 ORG = {
@@ -90,7 +91,7 @@ async def live(
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'var/mailer.db'}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.url(tmp_path / "var" / "mailer.db"))
     monkeypatch.setenv("MAILER_BASE_URL", BASE_URL)
     for name, value in ORG.items():
         monkeypatch.setenv(name, value)

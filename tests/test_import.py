@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import sys
 import time
 from asyncio.subprocess import DEVNULL
@@ -25,6 +24,7 @@ from mailer.services.importing import MAX_LINE, Importer, ImportReport, RowResul
 from mailer.services.ledger import verify
 from mailer.services.setup import instance_secrets
 from tests.conftest import SECRET, Cli, init_db, links, make_cli, make_settings, path_of
+from tests.databases import active
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
 EVIDENCE = Evidence(channel="import", actor="cli:test")
@@ -380,22 +380,17 @@ def big_file(path: Path, key: bytes, db: Path) -> dict[str, int]:
             lines.append(f'person{i}@example.org,"Last{i}, First"'.encode())
             expected["new"] += 1
     write_csv(path, lines)
-    conn = sqlite3.connect(db)
-    with conn:
+    with active.connect(db) as conn, conn:
         conn.executemany(
-            "INSERT INTO suppression(email_hash, reason, created_at) VALUES (?, 'bounced', '2026')",
+            "INSERT INTO suppression(email_hash, reason, created_at)"
+            " VALUES (?, 'bounced', '2026-01-01')",
             [(h,) for h in suppress],
         )
-    conn.close()
     return expected
 
 
 def hash_key(db: Path) -> bytes:
-    conn = sqlite3.connect(db)
-    value = conn.execute(
-        "SELECT value FROM instance_setting WHERE name = 'address_hash_key'"
-    ).fetchone()[0]
-    conn.close()
+    [(value,)] = query(db, "SELECT value FROM instance_setting WHERE name = 'address_hash_key'")
     return bytes.fromhex(value)
 
 
@@ -463,7 +458,7 @@ async def test_killed_import_rerun_creates_no_duplicates(quiet: Mailer, tmp_path
     path = write_csv(tmp_path / "in.csv", lines)
     env = {
         **os.environ,
-        "MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+        "MAILER_DATABASE_URL": active.url(db),
         "MAILER_VAR_DIR": str(tmp_path / "var"),
         "MAILER_SECRET_KEYS": SECRET,
     }

@@ -25,7 +25,8 @@ from mailer.domain.ledger import Evidence
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.web.app import create_app
 from tests.conftest import SECRET, auth, init_db, make_settings, seed_confirmed
-from tests.harness import SinkServer, query, wait_until
+from tests.databases import Db
+from tests.harness import SinkServer, as_utc, query, wait_until
 
 N = 40
 EMAILS = [f"r{i}@example.org" for i in range(N)]
@@ -113,7 +114,7 @@ class Row:
     checked_at: datetime | None
 
 
-def rows(db: Path, campaign: int) -> dict[str, Row]:
+def rows(db: Db, campaign: int) -> dict[str, Row]:
     found = query(
         db,
         "SELECT s.email, o.status, o.reason, o.checked_at FROM outbox o"
@@ -125,16 +126,16 @@ def rows(db: Path, campaign: int) -> dict[str, Row]:
         email: Row(
             status,
             reason,
-            None if at is None else datetime.fromisoformat(at).replace(tzinfo=UTC),
+            None if at is None else as_utc(at),
         )
         for email, status, reason, at in found
     }
 
 
-def seed(m: Mailer, db: Path) -> None:
+def seed(m: Mailer, db: Db) -> None:
     """``EMAILS`` as confirmed subscribers of "news", in id order, inserted directly (fast)."""
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, db, list_id, EMAILS)
+    seed_confirmed(m, list_id, EMAILS)
 
 
 async def run_lockstep(
@@ -156,7 +157,7 @@ async def run_lockstep(
         api_rate_per_minute=10_000,
     )
     await init_db(settings)
-    db = Path(settings.database_url.removeprefix("sqlite+aiosqlite:///"))
+    db = settings.database_url
     async with AsyncExitStack() as stack:
         m = await stack.enter_async_context(open_mailer(settings, sending=True))
         http = await stack.enter_async_context(TestClient(TestServer(create_app(m))))

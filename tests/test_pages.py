@@ -6,7 +6,6 @@ a confirmation request is involved, the real worker and SMTP sink.
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -693,13 +692,7 @@ async def test_list_scoped_link_works_after_list_deletion(
     subject = await confirmed(client, mailer, "ray@example.org", news, "tech")
     token = CODEC.unsubscribe_token(LinkClaim(subject, uid_of(mailer, news)))
 
-    conn = sqlite3.connect(db_path)
-    try:
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("DELETE FROM mailing_list WHERE slug = 'news'")
-        conn.commit()
-    finally:
-        conn.close()
+    query(db_path, "DELETE FROM mailing_list WHERE slug = 'news'")
     assert statuses(db_path, subject) == {"tech": "confirmed"}
 
     r = await client.get(f"/unsubscribe/{token}")

@@ -32,6 +32,7 @@ from mailer.errors import Conflict
 from mailer.services.erasure import AddressMatcher, scrub_maildir
 from mailer.web.app import create_app
 from tests.conftest import BASE_URL, SECRET, Run, auth, init_db, links, make_settings, path_of
+from tests.databases import active
 from tests.harness import Captured, query, wait_until
 
 API = "/api/v1/subscriptions"
@@ -132,24 +133,20 @@ def all_traces(root: Path, needles: list[bytes]) -> list[str]:
 def bulk_insert(db_path: Path, prefix: str, n: int) -> None:
     """Confirmed people on the list ``other`` (not mailed by these tests), inserted directly."""
     now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        with conn:
-            (list_id,) = conn.execute("SELECT id FROM mailing_list WHERE slug='other'").fetchone()
-            for i in range(n):
-                email = f"{prefix}{i:04d}@example.net"
-                cur = conn.execute(
-                    "INSERT INTO subscriber(email, email_hash, name, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (email, f"{prefix}{i:04d}".ljust(32, "0")[:32], f"Person {i}", now),
-                )
-                conn.execute(
-                    "INSERT INTO subscription(subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
-                )
-    finally:
-        conn.close()
+    with active.connect(db_path) as conn, conn:
+        (list_id,) = conn.execute("SELECT id FROM mailing_list WHERE slug='other'").fetchone()
+        for i in range(n):
+            email = f"{prefix}{i:04d}@example.net"
+            (sid,) = conn.execute(
+                "INSERT INTO subscriber(email, email_hash, name, created_at)"
+                " VALUES (?, ?, ?, ?) RETURNING id",
+                (email, f"{prefix}{i:04d}".ljust(32, "0")[:32], f"Person {i}", now),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO subscription(subscriber_id, list_id, status, created_at,"
+                " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
+                (sid, list_id, now, now, now),
+            )
 
 
 async def opt_in_and_confirm(
