@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,9 @@ def _migrate(url: str) -> None:
         finally:
             await db.close()
 
-    asyncio.run(run())
+    # a test's event loop may be running on this thread: migrate on another one
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(asyncio.run, run()).result()
 
 
 Db = Path | str
@@ -301,6 +304,13 @@ class Backend:
                     target.with_name(target.name + suffix).write_bytes(src.read_bytes())
             return self.url(target)
         return self.pool.copy(source, target)
+
+    def sync_url(self, db: Db) -> str:
+        """A SQLAlchemy URL with a synchronous driver, for a plain ``create_engine``."""
+        if self.pool is None:
+            return f"sqlite:///{self.path(db)}"
+        url = make_url(self.pool.url(self.path(db))).set(drivername="postgresql+psycopg")
+        return url.render_as_string(hide_password=False)
 
     def keep(self, path: Path) -> None:
         """Keep ``path``'s database for the rest of the run (a module-scoped fixture's)."""

@@ -82,9 +82,12 @@ async def confirmed(client: Client, mailer: Mailer, email: str, *slugs: str) -> 
 
 
 def uid_of(mailer: Mailer, slug: str) -> str:
-    """A list's uid, read from the mailer's SQLite file."""
-    path = Path(mailer.settings.database_url.split("///", 1)[1])
-    return str(query(path, "SELECT uid FROM mailing_list WHERE slug = ?", slug)[0][0])
+    """A list's uid, read from the mailer's database."""
+    return str(
+        query(mailer.settings.database_url, "SELECT uid FROM mailing_list WHERE slug = ?", slug)[0][
+            0
+        ]
+    )
 
 
 async def make_list(mailer: Mailer, slug: str, name: str) -> str:

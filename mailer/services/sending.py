@@ -155,11 +155,12 @@ class Sender:
             if self._bucket is not None:
                 self._bucket.spend(self._clock.monotonic())
             checked = self._clock.monotonic()
-            verdict = await self._check(message)
+            checked_at = self._clock.now()  # before the probe, whose snapshot is no older
+            verdict = await self._check(message, checked_at)
             if verdict is not None:
                 self.recorder.add(verdict)
                 return True
-            await self._deliver(conn, message, checked, self._clock.now())
+            await self._deliver(conn, message, checked, checked_at)
         return True
 
     async def release(self) -> None:
@@ -195,10 +196,11 @@ class Sender:
         finally:
             self._filling = None
 
-    async def _check(self, message: Claimed) -> Outcome | None:
-        """The consent check right before hand-off; an outcome when the message must not go."""
+    async def _check(self, message: Claimed, now: datetime) -> Outcome | None:
+        """The consent check right before hand-off, as of ``now`` (taken just before it, so
+        a check recorded after an opt-out's answer did see that opt-out); an outcome when
+        the message must not go."""
         row = await self._db.peek(outbox.PROBE, {"oid": message.outbox_id})
-        now = self._clock.now()
         if row is None:  # the person was erased since the claim, and the row with them
             return Outcome(message.outbox_id, OutboxStatus.SKIPPED, "erased", None)
         subscription, suppressed, campaign_status, confirmed_anywhere = row
