@@ -14,6 +14,7 @@ from mailer.cli.main import main
 from mailer.config import PACKAGE_TEMPLATES, Settings, load_settings
 from mailer.domain.compose import Envelope, Rendered, compose
 from mailer.services.doctor import Expected, dkim_problems, message_problems
+from tests.conftest import sqlite_only
 from tests.databases import active
 from tests.harness import SinkServer, query, snapshot
 
@@ -212,6 +213,7 @@ async def test_group_readable_key_file_fails(live: Live) -> None:
     assert rows["signing keys"][0] == "pass"
 
 
+@sqlite_only
 async def test_database_readable_by_others_fails(live: Live) -> None:
     """Personal data in a database file others can read fails the data directory row."""
     live.db.chmod(0o644)

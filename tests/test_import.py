@@ -23,7 +23,16 @@ from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.services.importing import MAX_LINE, Importer, ImportReport, RowResult
 from mailer.services.ledger import verify
 from mailer.services.setup import instance_secrets
-from tests.conftest import SECRET, Cli, init_db, links, make_cli, make_settings, path_of
+from tests.conftest import (
+    SECRET,
+    Cli,
+    init_db,
+    links,
+    make_cli,
+    make_settings,
+    path_of,
+    sqlite_only,
+)
 from tests.databases import active
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
@@ -488,6 +497,7 @@ async def test_killed_import_rerun_creates_no_duplicates(quiet: Mailer, tmp_path
     assert report.counts[RowResult.NEW] + report.counts[RowResult.ALREADY_PENDING] == 15_000
 
 
+@sqlite_only
 async def test_long_import_keeps_the_wal_small(
     quiet: Mailer, db_path: Path, tmp_path: Path
 ) -> None:
@@ -506,6 +516,7 @@ async def test_long_import_keeps_the_wal_small(
     assert max(sizes) < 12_000_000, max(sizes)  # ~4.5 MB; ~38 MB without the checkpoints
 
 
+@sqlite_only
 async def test_checkpoint_empties_the_wal(quiet: Mailer, db_path: Path) -> None:
     """Database.checkpoint folds the write-ahead log into the database and truncates it."""
     await quiet.lists.create("other", "Other")

@@ -31,7 +31,17 @@ from mailer.domain.ledger import Evidence
 from mailer.errors import Conflict
 from mailer.services.erasure import AddressMatcher, scrub_maildir
 from mailer.web.app import create_app
-from tests.conftest import BASE_URL, SECRET, Run, auth, init_db, links, make_settings, path_of
+from tests.conftest import (
+    BASE_URL,
+    SECRET,
+    Run,
+    auth,
+    init_db,
+    links,
+    make_settings,
+    path_of,
+    sqlite_only,
+)
 from tests.databases import active
 from tests.harness import Captured, query, wait_until
 
@@ -490,6 +500,7 @@ def test_scrubber_finds_every_spelling_and_only_that_address(tmp_path: Path) -> 
     )
 
 
+@sqlite_only
 async def test_erase_is_not_reported_done_while_a_reader_pins_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
