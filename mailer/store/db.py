@@ -21,6 +21,9 @@ from mailer.errors import ConfigError
 
 T = TypeVar("T")
 
+ERASED_TABLES = ("subscriber", "subscription", "outbox", "consent_event")
+"""Tables an erasure deletes rows from or blanks values in."""
+
 
 class DatabaseClosed(RuntimeError):
     """A transaction was attempted after ``close()``."""
@@ -108,6 +111,14 @@ class PostgresDatabase(Database):
             result = await conn.run_sync(fn)
             await conn.commit()
             return result
+
+    async def compact_erased(self) -> None:
+        """``VACUUM`` the tables that held the person: their dead rows are no longer reachable
+        by any query or snapshot. PostgreSQL has no ``secure_delete``: until the space is
+        reused, page free space and the write-ahead log may still hold old images."""
+        async with self._engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.exec_driver_sql(f"VACUUM {', '.join(ERASED_TABLES)}")
 
     async def close(self) -> None:
         """Close every pooled connection; calling it again does nothing."""
