@@ -1,4 +1,5 @@
-# `make run` starts mailer on the embedded defaults; `make test` runs every test.
+# `make run` starts mailer on the embedded defaults; `make test` runs every test, on SQLite
+# and, when MAILER_TEST_POSTGRES_URL names a PostgreSQL server, again on PostgreSQL.
 # Both create .venv and install what they need on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -20,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+	if [ -n "$$MAILER_TEST_POSTGRES_URL" ]; then $(BIN)/pytest --db=postgresql; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

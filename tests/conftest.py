@@ -1,8 +1,12 @@
-"""Fixtures: a real mailer on a real SQLite file, a real SMTP sink, a real aiohttp server."""
+"""Fixtures: a real mailer on a real database, a real SMTP sink, a real aiohttp server.
 
+The database is a SQLite file, or with ``--db=postgresql`` a PostgreSQL database on the server
+named by ``$MAILER_TEST_POSTGRES_URL`` (see ``tests/databases.py``).
+"""
+
+import os
 import re
-import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,12 +22,59 @@ from mailer.services.setup import initialise
 from mailer.store.db import open_database
 from mailer.transport.dkim import key_from_pem, new_private_key
 from mailer.web.app import create_app
+from tests.databases import POSTGRESQL, SQLITE, URL_VARIABLE, PostgresPool, active
 from tests.harness import Captured, SinkServer, wait_until
 
 SECRET = "test-secret-key-one"
 BASE_URL = "http://mailer.test"
 DKIM_DOMAIN = "example.org"
 STAFF = Evidence(channel="cli", actor="cli:test")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--db",
+        choices=[SQLITE, POSTGRESQL],
+        default=SQLITE,
+        help=f"the database engine to test against (postgresql needs ${URL_VARIABLE})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--db") == POSTGRESQL and not os.environ.get(URL_VARIABLE):
+        raise pytest.UsageError(f"--db=postgresql needs ${URL_VARIABLE}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database: {config.getoption('--db')}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Point ``tests.databases.active`` at this run's engine; drop the run's databases after."""
+    if request.config.getoption("--db") != POSTGRESQL:
+        yield
+        return
+    active.pool = PostgresPool(os.environ[URL_VARIABLE])
+    try:
+        yield
+    finally:
+        active.pool.close()
+        active.pool = None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_databases() -> Iterator[None]:
+    """Each test starts on empty databases: on PostgreSQL, its own are emptied after it."""
+    yield
+    if active.pool is not None:
+        active.pool.release()
+
+
+sqlite_only = pytest.mark.skipif(
+    "config.getoption('--db') != 'sqlite'", reason="about SQLite's own files or threads"
+)
+"""For tests that are about SQLite itself (its files, WAL, writer thread)."""
 
 
 @pytest.fixture
@@ -37,7 +88,7 @@ async def sink() -> AsyncIterator[SinkServer]:
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "var_dir": tmp_path / "var",
-        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'mailer.db'}",
+        "database_url": active.url(tmp_path / "mailer.db"),
         "secret_keys": SECRET,
         "base_url": BASE_URL,
         "worker_poll_seconds": 0.05,
@@ -109,30 +160,27 @@ def links(message: Captured) -> dict[str, str]:
     return found
 
 
-def seed_confirmed(m: Mailer, db: Path, list_id: int, emails: list[str]) -> None:
-    """Insert ``emails`` as confirmed subscribers of a list, in id order, straight into SQLite.
+def seed_confirmed(m: Mailer, list_id: int, emails: list[str]) -> None:
+    """Insert ``emails`` as confirmed subscribers of a list, in id order, straight into the
+    database through a separate connection.
 
     Fast set-up for tests that send to many people; addresses are normalised and hashed by
     the mailer itself, so unsubscribing them by address works as usual.
     """
     now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for raw in emails:
-                address, subject = m.consent.identify(raw)
-                cur = conn.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at)"
-                    " VALUES (?, ?, NULL, ?)",
-                    (address.email, subject, now),
-                )
-                conn.execute(
-                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
-                )
-    finally:
-        conn.close()
+    with active.connect(m.settings.database_url) as conn, conn:
+        for raw in emails:
+            address, subject = m.consent.identify(raw)
+            (subscriber_id,) = conn.execute(
+                "INSERT INTO subscriber (email, email_hash, name, created_at)"
+                " VALUES (?, ?, NULL, ?) RETURNING id",
+                (address.email, subject, now),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
+                " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
+                (subscriber_id, list_id, now, now, now),
+            )
 
 
 Run = tuple[int, str, str]
@@ -150,7 +198,7 @@ def make_cli(
     Without ``secret_keys``, ``mailer init`` generates the key file as it would for a user.
     """
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.url(tmp_path / "cli.db"))
     monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
     if secret_keys is None:
         monkeypatch.delenv("MAILER_SECRET_KEYS", raising=False)
@@ -204,12 +252,12 @@ def dkim_settings(
     return settings, {name: record for _, name, record in keys}
 
 
-async def send_every_kind(m: Mailer, db: Path, sink: SinkServer) -> dict[str, Captured]:
+async def send_every_kind(m: Mailer, sink: SinkServer) -> dict[str, Captured]:
     """A confirmation request, a campaign, a preview and a policy announcement, each sent
     through the real send path and captured at the sink."""
     list_id = (await m.lists.create("news", "Example News")).id
     await m.consent.request_opt_in("new@example.org", "news", None, STAFF)
-    seed_confirmed(m, db, list_id, ["reader@example.org"])
+    seed_confirmed(m, list_id, ["reader@example.org"])
     kinds = ("confirm", "campaign", "preview", "announcement")
     await wait_until(lambda: len(sink.messages) == 1, 10, "the confirmation request")
     cid = await m.campaigns.create("news", "The November issue", "Hello *world*", "campaign")

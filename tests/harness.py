@@ -3,18 +3,18 @@
 import asyncio
 import email
 import email.policy
-import sqlite3
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, syntax
+
+from tests.databases import Db, active
 
 Hook = Callable[[str], Awaitable[str | None]]
 
@@ -278,29 +278,27 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
-def snapshot(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, read through a separate sqlite3 connection."""
-    conn = sqlite3.connect(db_path)
-    try:
-        names = [
-            r[0]
-            for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
-            )
-        ]
-        return {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
-    finally:
-        conn.close()
+def snapshot(db: Db) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, read through a separate connection."""
+    with active.connect(db) as conn:
+        return {
+            n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr)
+            for n in active.tables(db)
+        }
 
 
-def query(db_path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Run one statement through a separate sqlite3 connection; a write is committed."""
-    conn = sqlite3.connect(db_path)
-    try:
-        with conn:
-            return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+def query(db: Db, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement (``?`` placeholders) through a separate connection; a write commits."""
+    with active.connect(db) as conn, conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def as_utc(value: str | datetime) -> datetime:
+    """A timestamp column read back: a string on SQLite, a datetime on PostgreSQL."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class MutableClock:

@@ -24,6 +24,7 @@ from mailer.domain.addresses import Address, address_hash, parse_address
 from mailer.domain.ledger import Evidence
 from mailer.errors import InvalidAddress
 from tests.conftest import auth, links, path_of
+from tests.databases import active
 from tests.harness import SinkServer, query, wait_until
 
 DATA = json.loads((Path(__file__).parent / "data" / "addresses.json").read_text("utf-8"))
@@ -529,7 +530,7 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     db = tmp_path / "cli.db"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MAILER_CONFIG", raising=False)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{db}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.url(db))
     monkeypatch.setenv("MAILER_SECRET_KEYS", "cli-test-secret")
     monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("MAILER_SMTP_HOST", "127.0.0.1")

@@ -31,6 +31,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import links
+from tests.databases import active
 from tests.harness import Captured, query, wait_until
 
 CHROMIUM = shutil.which("chromium")
@@ -165,6 +166,8 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env |= {"MAILER_HTTP_PORT": str(port), "MAILER_BASE_URL": f"http://127.0.0.1:{port}"}
+    env["MAILER_DATABASE_URL"] = active.url(root / "var" / "mailer.db")
+    active.keep(root / "var" / "mailer.db")  # the site lives as long as this module
     async with aiohttp.ClientSession() as http:
         s = Site(root, env, f"http://127.0.0.1:{port}", http)
         await s.cli("init")

@@ -3,7 +3,6 @@
 import email
 import email.policy
 import json
-import sqlite3
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from mailer.statuses import OutboxStatus
 from tests.conftest import Cli, Run
+from tests.harness import query
 
 SUBJECT = "November issue — Grüße"
 BODY = "# Hello\n\nThis is the *November* issue.\n"
@@ -44,12 +44,7 @@ def draft(cli: Cli, tmp_path: Path) -> int:
 
 
 def rows(tmp_path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(tmp_path / "cli.db")
-    try:
-        with conn:
-            return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return query(tmp_path / "cli.db", sql, *params)
 
 
 def confirm(tmp_path: Path, email_address: str, list_slug: str = "news") -> None:

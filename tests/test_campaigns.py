@@ -6,7 +6,6 @@ import email.policy
 import html
 import re
 import shutil
-import sqlite3
 import string
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from mailer.services.messages import DATE_SENTINEL
 from mailer.store import campaigns
 from mailer.web.app import create_app
 from tests.conftest import BASE_URL, init_db, make_settings, path_of
+from tests.databases import Db, active
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
 EVIDENCE = Evidence(channel="cli", actor="tests")
@@ -64,55 +64,46 @@ async def running(
         yield m
 
 
-def db_of(m: Mailer) -> Path:
-    return Path(m.settings.database_url.removeprefix("sqlite+aiosqlite:///"))
+def db_of(m: Mailer) -> Db:
+    return m.settings.database_url
 
 
 def insert_people(m: Mailer, people: dict[str, dict[int, str]]) -> dict[str, int]:
-    """Insert subscribers and their subscription status per list id straight into SQLite.
+    """Insert subscribers and their subscription status per list id straight into the database.
 
     Returns subscriber ids by (normalised) address; ids grow in the order given.
     """
     now = datetime.now(UTC).strftime(STAMP)
     ids: dict[str, int] = {}
-    conn = sqlite3.connect(db_of(m))
-    try:
-        with conn:
-            for raw, subscriptions in people.items():
-                address, digest = m.consent.identify(raw)
-                cur = conn.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at)"
-                    " VALUES (?, ?, NULL, ?)",
-                    (address.email, digest, now),
-                )
-                assert cur.lastrowid is not None
-                ids[address.email] = cur.lastrowid
-                conn.executemany(
-                    "INSERT INTO subscription"
-                    " (subscriber_id, list_id, status, created_at, updated_at, confirmed_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (cur.lastrowid, list_id, status, now, now, now)
-                        for list_id, status in subscriptions.items()
-                    ],
-                )
-    finally:
-        conn.close()
+    with active.connect(db_of(m)) as conn, conn:
+        for raw, subscriptions in people.items():
+            address, digest = m.consent.identify(raw)
+            (sid,) = conn.execute(
+                "INSERT INTO subscriber (email, email_hash, name, created_at)"
+                " VALUES (?, ?, NULL, ?) RETURNING id",
+                (address.email, digest, now),
+            ).fetchone()
+            ids[address.email] = sid
+            conn.executemany(
+                "INSERT INTO subscription"
+                " (subscriber_id, list_id, status, created_at, updated_at, confirmed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (sid, list_id, status, now, now, now)
+                    for list_id, status in subscriptions.items()
+                ],
+            )
     return ids
 
 
 def insert_suppressions(m: Mailer, reasons: dict[str, str]) -> None:
-    """Put addresses on the suppression list straight into SQLite (reason per address)."""
+    """Put addresses on the suppression list straight into the database (reason per address)."""
     now = datetime.now(UTC).strftime(STAMP)
     rows = [(m.consent.identify(raw)[1], reason, now) for raw, reason in reasons.items()]
-    conn = sqlite3.connect(db_of(m))
-    try:
-        with conn:
-            conn.executemany(
-                "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)", rows
-            )
-    finally:
-        conn.close()
+    with active.connect(db_of(m)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)", rows
+        )
 
 
 def addresses(prefix: str, n: int) -> list[str]:

@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -27,6 +26,7 @@ import pytest
 
 from mailer.domain.addresses import address_hash, parse_address
 from mailer.store import outbox
+from tests.databases import active
 from tests.harness import SinkServer, query, wait_until
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,18 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
 
 
+def mailer_env(home: Path) -> dict[str, str]:
+    """The environment of a mailer installed in ``home``, on this run's database engine."""
+    return {**clean_env(), "MAILER_DATABASE_URL": active.url(home / "var" / "mailer.db")}
+
+
+def copy_home(template: Path, home: Path) -> None:
+    """A copy of an installation's var/ and database; the copy is independent."""
+    ignore = shutil.ignore_patterns("mailer.db*")
+    shutil.copytree(template / "var", home / "var", ignore=ignore)
+    active.copy(template / "var" / "mailer.db", home / "var" / "mailer.db")
+
+
 def stamp() -> str:
     """A timestamp the way the UTCDateTime columns store it in SQLite."""
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -78,7 +90,7 @@ def stamp() -> str:
 
 @dataclass(frozen=True)
 class Population:
-    var_dir: Path
+    home: Path
     campaign_id: int
     consenting: frozenset[str]
     refusing: frozenset[str]
@@ -86,7 +98,7 @@ class Population:
 
 def _mailer(cwd: Path, *args: str) -> str:
     done = subprocess.run(
-        [*MAILER, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=60
+        [*MAILER, *args], cwd=cwd, env=mailer_env(cwd), capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -98,41 +110,38 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> Population:
     home = tmp_path_factory.mktemp("crash-template")
     _mailer(home, "init")
     _mailer(home, "list", "create", "news", "--name", "Crash News")
-    db = sqlite3.connect(home / "var" / "mailer.db")
-    try:
-        with db:
-            (key_hex,) = db.execute(HASH_KEY).fetchone()
-            (list_id,) = db.execute("SELECT id FROM mailing_list WHERE slug = 'news'").fetchone()
-            key = bytes.fromhex(key_hex)
-            consenting: set[str] = set()
-            refusing: set[str] = set()
-            now = stamp()
-            for i in range(CONSENTING + REFUSING):
-                email = f"reader{i:04d}@example.org"
-                hashed = address_hash(key, parse_address(email))
-                sid = db.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (email, hashed, f"Reader {i}", now),
-                ).lastrowid
-                # Every 11th person, spread through the id range, must not get the campaign.
-                kind = i // 11 % 4 if i % 11 == 10 else None
-                status = {0: "pending", 1: "unsubscribed"}.get(-1 if kind is None else kind)
-                status = status or "confirmed"
+    active.keep(home / "var" / "mailer.db")
+    with active.connect(home / "var" / "mailer.db") as db, db:
+        (key_hex,) = db.execute(HASH_KEY).fetchone()
+        (list_id,) = db.execute("SELECT id FROM mailing_list WHERE slug = 'news'").fetchone()
+        key = bytes.fromhex(key_hex)
+        consenting: set[str] = set()
+        refusing: set[str] = set()
+        now = stamp()
+        for i in range(CONSENTING + REFUSING):
+            email = f"reader{i:04d}@example.org"
+            hashed = address_hash(key, parse_address(email))
+            (sid,) = db.execute(
+                "INSERT INTO subscriber (email, email_hash, name, created_at) "
+                "VALUES (?, ?, ?, ?) RETURNING id",
+                (email, hashed, f"Reader {i}", now),
+            ).fetchone()
+            # Every 11th person, spread through the id range, must not get the campaign.
+            kind = i // 11 % 4 if i % 11 == 10 else None
+            status = {0: "pending", 1: "unsubscribed"}.get(-1 if kind is None else kind)
+            status = status or "confirmed"
+            db.execute(
+                "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
+                "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (sid, list_id, status, now, now, None if status == "pending" else now),
+            )
+            if kind in (2, 3):  # confirmed on the list, but suppressed
+                reason = "unsubscribed" if kind == 2 else "bounced"
                 db.execute(
-                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
-                    "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (sid, list_id, status, now, now, None if status == "pending" else now),
+                    "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
+                    (hashed, reason, now),
                 )
-                if kind in (2, 3):  # confirmed on the list, but suppressed
-                    reason = "unsubscribed" if kind == 2 else "bounced"
-                    db.execute(
-                        "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
-                        (hashed, reason, now),
-                    )
-                (consenting if kind is None else refusing).add(email)
-    finally:
-        db.close()
+            (consenting if kind is None else refusing).add(email)
     assert (len(consenting), len(refusing)) == (CONSENTING, REFUSING)
     body = home / "issue.md"
     body.write_text("# The crash issue\n\nEvery reader gets *one* copy, even if we crash.\n")
@@ -141,7 +150,7 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> Population:
             home, "campaign", "create", "--list", "news", "--subject", "Crash", "--body", str(body)
         )
     )
-    return Population(home / "var", campaign_id, frozenset(consenting), frozenset(refusing))
+    return Population(home, campaign_id, frozenset(consenting), frozenset(refusing))
 
 
 class DataHook:
@@ -283,13 +292,13 @@ async def test_kill_9_mid_campaign_then_restart(
     kill_at: str, population: Population, sink: SinkServer, tmp_path: Path
 ) -> None:
     """After kill -9 and a restart: one copy at most per person, everyone sent or reported."""
-    shutil.copytree(population.var_dir, tmp_path / "var")
+    copy_home(population.home, tmp_path)
     db_path = tmp_path / "var" / "mailer.db"
     cid = population.campaign_id
     hook = DataHook()
     sink.before_data_reply = hook
     env = {
-        **clean_env(),
+        **mailer_env(tmp_path),
         "MAILER_SMTP_HOST": "127.0.0.1",
         "MAILER_SMTP_PORT": str(sink.port),
         "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
@@ -456,7 +465,7 @@ sys.exit(max(codes))
 
 @dataclass(frozen=True)
 class People:
-    var_dir: Path
+    home: Path
     eligible: frozenset[str]
     ineligible: dict[str, str]
     """Address -> why it must get no announcement."""
@@ -469,7 +478,7 @@ def people(tmp_path_factory: pytest.TempPathFactory) -> People:
     done = subprocess.run(
         [sys.executable, "-c", SETUP],
         cwd=home,
-        env=clean_env(),
+        env=mailer_env(home),
         capture_output=True,
         text=True,
         timeout=60,
@@ -487,52 +496,49 @@ def people(tmp_path_factory: pytest.TempPathFactory) -> People:
     eligible: set[str] = set()
     ineligible: dict[str, str] = {}
     on_all_lists = 0
-    db = sqlite3.connect(home / "var" / "mailer.db")
-    try:
-        with db:
-            (key_hex,) = db.execute(HASH_KEY).fetchone()
-            key = bytes.fromhex(key_hex)
-            list_ids = [r[0] for r in db.execute("SELECT id FROM mailing_list ORDER BY id")]
-            assert len(list_ids) == LISTS
-            now = stamp()
-            for i, kind in enumerate(kinds):
-                email = f"person{i:04d}@example.net"
-                hashed = address_hash(key, parse_address(email))
-                sid = db.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (email, hashed, f"Person {i}", now),
-                ).lastrowid
-                mine = rng.sample(list_ids, rng.randint(1, LISTS))
-                on_all_lists += len(mine) == LISTS
-                if kind == "unsubscribed-from-all":
-                    statuses = ["unsubscribed"] * len(mine)
-                elif kind == "pending-only":
-                    statuses = ["pending"] * len(mine)
-                else:  # confirmed on at least one list; the others in any state
-                    statuses = ["confirmed"] + [
-                        rng.choice(["confirmed", "pending", "unsubscribed"]) for _ in mine[1:]
-                    ]
-                for list_id, status in zip(mine, statuses, strict=True):
-                    db.execute(
-                        "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
-                        "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (sid, list_id, status, now, now, None if status == "pending" else now),
-                    )
-                if kind == "suppressed":
-                    db.execute(
-                        "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
-                        (hashed, reasons[i % len(reasons)], now),
-                    )
-                if kind == "eligible":
-                    eligible.add(email)
-                else:
-                    ineligible[email] = kind
-    finally:
-        db.close()
+    active.keep(home / "var" / "mailer.db")
+    with active.connect(home / "var" / "mailer.db") as db, db:
+        (key_hex,) = db.execute(HASH_KEY).fetchone()
+        key = bytes.fromhex(key_hex)
+        list_ids = [r[0] for r in db.execute("SELECT id FROM mailing_list ORDER BY id")]
+        assert len(list_ids) == LISTS
+        now = stamp()
+        for i, kind in enumerate(kinds):
+            email = f"person{i:04d}@example.net"
+            hashed = address_hash(key, parse_address(email))
+            (sid,) = db.execute(
+                "INSERT INTO subscriber (email, email_hash, name, created_at) "
+                "VALUES (?, ?, ?, ?) RETURNING id",
+                (email, hashed, f"Person {i}", now),
+            ).fetchone()
+            mine = rng.sample(list_ids, rng.randint(1, LISTS))
+            on_all_lists += len(mine) == LISTS
+            if kind == "unsubscribed-from-all":
+                statuses = ["unsubscribed"] * len(mine)
+            elif kind == "pending-only":
+                statuses = ["pending"] * len(mine)
+            else:  # confirmed on at least one list; the others in any state
+                statuses = ["confirmed"] + [
+                    rng.choice(["confirmed", "pending", "unsubscribed"]) for _ in mine[1:]
+                ]
+            for list_id, status in zip(mine, statuses, strict=True):
+                db.execute(
+                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at, "
+                    "updated_at, confirmed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (sid, list_id, status, now, now, None if status == "pending" else now),
+                )
+            if kind == "suppressed":
+                db.execute(
+                    "INSERT INTO suppression (email_hash, reason, created_at) VALUES (?, ?, ?)",
+                    (hashed, reasons[i % len(reasons)], now),
+                )
+            if kind == "eligible":
+                eligible.add(email)
+            else:
+                ineligible[email] = kind
     assert (len(eligible), len(ineligible)) == (ELIGIBLE, PEOPLE - ELIGIBLE)
     assert on_all_lists > 50  # many people could get five copies if fan-out went per list
-    return People(home / "var", frozenset(eligible), ineligible)
+    return People(home, frozenset(eligible), ineligible)
 
 
 class GatedHook(DataHook):
@@ -555,7 +561,7 @@ async def test_kill_9_mid_announcement_then_restart(
     people: People, sink: SinkServer, tmp_path: Path
 ) -> None:
     """A policy announcement killed at 30% reaches each eligible person once, nobody else."""
-    shutil.copytree(people.var_dir, tmp_path / "var")
+    copy_home(people.home, tmp_path)
     db_path = tmp_path / "var" / "mailer.db"
     subscriptions_before = query(db_path, SUBSCRIPTIONS)
     summary = tmp_path / "changes.md"
@@ -564,7 +570,7 @@ async def test_kill_9_mid_announcement_then_restart(
     hook = GatedHook()
     sink.before_data_reply = hook
     env = {
-        **clean_env(),
+        **mailer_env(tmp_path),
         "MAILER_SMTP_HOST": "127.0.0.1",
         "MAILER_SMTP_PORT": str(sink.port),
         "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),

@@ -30,7 +30,8 @@ from mailer.services.doctor import (
 )
 from mailer.transport.dkim import DkimSigner, key_from_pem, load_keys, new_private_key
 from mailer.transport.dns import DnsUnavailable
-from tests.conftest import DKIM_DOMAIN, dkim_key
+from tests.conftest import DKIM_DOMAIN, dkim_key, sqlite_only
+from tests.databases import active
 from tests.harness import SinkServer, query, snapshot
 
 ORG = {
@@ -107,7 +108,7 @@ async def live(
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'var/mailer.db'}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.url(tmp_path / "var" / "mailer.db"))
     monkeypatch.setenv("MAILER_BASE_URL", BASE_URL)
     for name, value in ORG.items():
         monkeypatch.setenv(name, value)
@@ -228,6 +229,7 @@ async def test_group_readable_key_file_fails(live: Live) -> None:
     assert rows["signing keys"][0] == "pass"
 
 
+@sqlite_only
 async def test_database_readable_by_others_fails(live: Live) -> None:
     """Personal data in a database file others can read fails the data directory row."""
     live.db.chmod(0o644)

@@ -20,6 +20,7 @@ import pytest
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.config import Settings
 from tests.conftest import init_db, make_settings, seed_confirmed
+from tests.databases import Db
 from tests.harness import MutableClock, SinkEvent, SinkServer, query, wait_until
 
 N = 24
@@ -47,7 +48,7 @@ class Run:
     """A running mailer with one campaign to ``EMAILS`` and the sink it sends to."""
 
     mailer: Mailer
-    db: Path
+    db: Db
     sink: SinkServer
     clock: MutableClock
     campaign: int = 0
@@ -105,15 +106,15 @@ class Run:
             state = now
 
 
-async def seed(m: Mailer, db: Path, emails: list[str]) -> None:
+async def seed(m: Mailer, db: Db, emails: list[str]) -> None:
     """List "news" with ``emails`` as confirmed subscribers, inserted directly (fast)."""
     await m.lists.create("news", "Example News")
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, db, list_id, emails)
+    seed_confirmed(m, list_id, emails)
 
 
-def db_of(settings: Settings) -> Path:
-    return Path(settings.database_url.removeprefix("sqlite+aiosqlite:///"))
+def db_of(settings: Settings) -> Db:
+    return settings.database_url
 
 
 @asynccontextmanager

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import sys
 import time
 from asyncio.subprocess import DEVNULL
@@ -24,7 +23,17 @@ from mailer.errors import InvalidInput, MailerError, NotFound
 from mailer.services.importing import MAX_LINE, Importer, ImportReport, RowResult
 from mailer.services.ledger import verify
 from mailer.services.setup import instance_secrets
-from tests.conftest import SECRET, Cli, init_db, links, make_cli, make_settings, path_of
+from tests.conftest import (
+    SECRET,
+    Cli,
+    init_db,
+    links,
+    make_cli,
+    make_settings,
+    path_of,
+    sqlite_only,
+)
+from tests.databases import active
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
 EVIDENCE = Evidence(channel="import", actor="cli:test")
@@ -380,22 +389,17 @@ def big_file(path: Path, key: bytes, db: Path) -> dict[str, int]:
             lines.append(f'person{i}@example.org,"Last{i}, First"'.encode())
             expected["new"] += 1
     write_csv(path, lines)
-    conn = sqlite3.connect(db)
-    with conn:
+    with active.connect(db) as conn, conn:
         conn.executemany(
-            "INSERT INTO suppression(email_hash, reason, created_at) VALUES (?, 'bounced', '2026')",
+            "INSERT INTO suppression(email_hash, reason, created_at)"
+            " VALUES (?, 'bounced', '2026-01-01')",
             [(h,) for h in suppress],
         )
-    conn.close()
     return expected
 
 
 def hash_key(db: Path) -> bytes:
-    conn = sqlite3.connect(db)
-    value = conn.execute(
-        "SELECT value FROM instance_setting WHERE name = 'address_hash_key'"
-    ).fetchone()[0]
-    conn.close()
+    [(value,)] = query(db, "SELECT value FROM instance_setting WHERE name = 'address_hash_key'")
     return bytes.fromhex(value)
 
 
@@ -463,7 +467,7 @@ async def test_killed_import_rerun_creates_no_duplicates(quiet: Mailer, tmp_path
     path = write_csv(tmp_path / "in.csv", lines)
     env = {
         **os.environ,
-        "MAILER_DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+        "MAILER_DATABASE_URL": active.url(db),
         "MAILER_VAR_DIR": str(tmp_path / "var"),
         "MAILER_SECRET_KEYS": SECRET,
     }
@@ -493,6 +497,7 @@ async def test_killed_import_rerun_creates_no_duplicates(quiet: Mailer, tmp_path
     assert report.counts[RowResult.NEW] + report.counts[RowResult.ALREADY_PENDING] == 15_000
 
 
+@sqlite_only
 async def test_long_import_keeps_the_wal_small(
     quiet: Mailer, db_path: Path, tmp_path: Path
 ) -> None:
@@ -511,6 +516,7 @@ async def test_long_import_keeps_the_wal_small(
     assert max(sizes) < 12_000_000, max(sizes)  # ~4.5 MB; ~38 MB without the checkpoints
 
 
+@sqlite_only
 async def test_checkpoint_empties_the_wal(quiet: Mailer, db_path: Path) -> None:
     """Database.checkpoint folds the write-ahead log into the database and truncates it."""
     await quiet.lists.create("other", "Other")

@@ -34,6 +34,7 @@ from mailer.domain.tokens import LinkClaim, RowTokens, TokenCodec
 from mailer.statuses import Channel
 from mailer.transport.inbound import MAX_MESSAGE_BYTES
 from tests.conftest import BASE_URL, SECRET, Cli, make_settings, path_of, seed_confirmed
+from tests.databases import Db
 from tests.harness import Captured, SinkServer, query, wait_until
 
 DOMAIN = "bounces.example.org"
@@ -57,8 +58,8 @@ def settings(tmp_path: Path, sink: SinkServer) -> Settings:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def db_of(settings: Settings) -> Path:
-    return Path(settings.database_url.removeprefix("sqlite+aiosqlite:///"))
+def db_of(settings: Settings) -> Db:
+    return settings.database_url
 
 
 async def subscribed(m: Mailer, settings: Settings, emails: list[str]) -> None:
@@ -66,7 +67,7 @@ async def subscribed(m: Mailer, settings: Settings, emails: list[str]) -> None:
     db = db_of(settings)
     await m.lists.create("news", "Example News")
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, db, list_id, emails)
+    seed_confirmed(m, list_id, emails)
 
 
 async def campaign_to(
@@ -144,7 +145,8 @@ def feedback_state(settings: Settings) -> list[tuple[Any, ...]]:
         "SELECT (SELECT count(*) FROM consent_event), (SELECT count(*) FROM suppression),"
         " (SELECT count(*) FROM bounce_score),"
         " (SELECT count(*) FROM outbox WHERE feedback IS NOT NULL),"
-        " (SELECT group_concat(status) FROM subscription)",
+        " (SELECT count(*) FROM subscription WHERE status = 'confirmed'),"
+        " (SELECT count(*) FROM subscription WHERE status = 'unsubscribed')",
     )
 
 

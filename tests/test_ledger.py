@@ -1,6 +1,5 @@
 """The consent ledger: every consent event chained; verify catches any edit."""
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,7 @@ async def test_chain_verifies_and_records_evidence(mailer: Mailer, db_path: Path
 
 
 def _tamper(db_path: Path, sql: str, *params: Any) -> None:
-    conn = sqlite3.connect(db_path)
-    conn.execute(sql, params)
-    conn.commit()
-    conn.close()
+    query(db_path, sql, *params)
 
 
 async def test_verify_detects_edits(mailer: Mailer, db_path: Path) -> None:

@@ -6,7 +6,6 @@ a confirmation request is involved, the real worker and SMTP sink.
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -83,9 +82,12 @@ async def confirmed(client: Client, mailer: Mailer, email: str, *slugs: str) -> 
 
 
 def uid_of(mailer: Mailer, slug: str) -> str:
-    """A list's uid, read from the mailer's SQLite file."""
-    path = Path(mailer.settings.database_url.split("///", 1)[1])
-    return str(query(path, "SELECT uid FROM mailing_list WHERE slug = ?", slug)[0][0])
+    """A list's uid, read from the mailer's database."""
+    return str(
+        query(mailer.settings.database_url, "SELECT uid FROM mailing_list WHERE slug = ?", slug)[0][
+            0
+        ]
+    )
 
 
 async def make_list(mailer: Mailer, slug: str, name: str) -> str:
@@ -693,13 +695,7 @@ async def test_list_scoped_link_works_after_list_deletion(
     subject = await confirmed(client, mailer, "ray@example.org", news, "tech")
     token = CODEC.unsubscribe_token(LinkClaim(subject, uid_of(mailer, news)))
 
-    conn = sqlite3.connect(db_path)
-    try:
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("DELETE FROM mailing_list WHERE slug = 'news'")
-        conn.commit()
-    finally:
-        conn.close()
+    query(db_path, "DELETE FROM mailing_list WHERE slug = 'news'")
     assert statuses(db_path, subject) == {"tech": "confirmed"}
 
     r = await client.get(f"/unsubscribe/{token}")

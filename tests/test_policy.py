@@ -1,7 +1,6 @@
 """Privacy-policy versions: announced once to every confirmed person, public, going forward."""
 
 import json
-import sqlite3
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -16,6 +15,7 @@ from mailer.domain.tokens import TokenCodec
 from mailer.errors import Conflict, InvalidInput
 from mailer.web.app import create_app
 from tests.conftest import SECRET, init_db, make_settings
+from tests.databases import active
 from tests.harness import MutableClock, SinkServer, query, wait_until
 
 STAFF = Evidence(channel="cli", actor="cli:test")
@@ -26,15 +26,15 @@ def populate(m: Mailer, db: Path, lists: list[int]) -> dict[str, str]:
     """People on one to five lists in every state; returns address -> expected ('yes'/'no')."""
     now = datetime.now(UTC).strftime(STAMP)
     expected: dict[str, str] = {}
-    conn = sqlite3.connect(db)
-    with conn:
+    with active.connect(db) as conn, conn:
         for i in range(60):
             email = f"person{i:02d}@example.org"
             _, digest = m.consent.identify(email)
-            cur = conn.execute(
-                "INSERT INTO subscriber (email, email_hash, name, created_at) VALUES (?,?,NULL,?)",
+            (sid,) = conn.execute(
+                "INSERT INTO subscriber (email, email_hash, name, created_at) VALUES (?,?,NULL,?)"
+                " RETURNING id",
                 (email, digest, now),
-            )
+            ).fetchone()
             on = lists[: 1 + i % 5]
             kind = i % 4  # 0, 1: confirmed somewhere; 2: only unsubscribed; 3: only pending
             for n, list_id in enumerate(on):
@@ -50,10 +50,9 @@ def populate(m: Mailer, db: Path, lists: list[int]) -> dict[str, str]:
                 conn.execute(
                     "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
                     " updated_at, confirmed_at) VALUES (?,?,?,?,?,?)",
-                    (cur.lastrowid, list_id, status, now, now, now),
+                    (sid, list_id, status, now, now, now),
                 )
             expected[email] = "yes" if kind in (0, 1) else "no"
-    conn.close()
     return expected
 
 
@@ -157,7 +156,7 @@ def test_policy_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
     from mailer.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAILER_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    monkeypatch.setenv("MAILER_DATABASE_URL", active.url(tmp_path / "p.db"))
     monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
     assert main(["init"]) == 0
     summary = tmp_path / "changes.md"

@@ -31,7 +31,18 @@ from mailer.domain.ledger import Evidence
 from mailer.errors import Conflict
 from mailer.services.erasure import AddressMatcher, scrub_maildir
 from mailer.web.app import create_app
-from tests.conftest import BASE_URL, SECRET, Run, auth, init_db, links, make_settings, path_of
+from tests.conftest import (
+    BASE_URL,
+    SECRET,
+    Run,
+    auth,
+    init_db,
+    links,
+    make_settings,
+    path_of,
+    sqlite_only,
+)
+from tests.databases import active
 from tests.harness import Captured, query, wait_until
 
 API = "/api/v1/subscriptions"
@@ -132,24 +143,20 @@ def all_traces(root: Path, needles: list[bytes]) -> list[str]:
 def bulk_insert(db_path: Path, prefix: str, n: int) -> None:
     """Confirmed people on the list ``other`` (not mailed by these tests), inserted directly."""
     now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        with conn:
-            (list_id,) = conn.execute("SELECT id FROM mailing_list WHERE slug='other'").fetchone()
-            for i in range(n):
-                email = f"{prefix}{i:04d}@example.net"
-                cur = conn.execute(
-                    "INSERT INTO subscriber(email, email_hash, name, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (email, f"{prefix}{i:04d}".ljust(32, "0")[:32], f"Person {i}", now),
-                )
-                conn.execute(
-                    "INSERT INTO subscription(subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
-                )
-    finally:
-        conn.close()
+    with active.connect(db_path) as conn, conn:
+        (list_id,) = conn.execute("SELECT id FROM mailing_list WHERE slug='other'").fetchone()
+        for i in range(n):
+            email = f"{prefix}{i:04d}@example.net"
+            (sid,) = conn.execute(
+                "INSERT INTO subscriber(email, email_hash, name, created_at)"
+                " VALUES (?, ?, ?, ?) RETURNING id",
+                (email, f"{prefix}{i:04d}".ljust(32, "0")[:32], f"Person {i}", now),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO subscription(subscriber_id, list_id, status, created_at,"
+                " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
+                (sid, list_id, now, now, now),
+            )
 
 
 async def opt_in_and_confirm(
@@ -493,6 +500,7 @@ def test_scrubber_finds_every_spelling_and_only_that_address(tmp_path: Path) -> 
     )
 
 
+@sqlite_only
 async def test_erase_is_not_reported_done_while_a_reader_pins_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

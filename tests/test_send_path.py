@@ -2,7 +2,6 @@
 
 import asyncio
 import shutil
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,7 +25,8 @@ from mailer.services.sending import Sender, SendPolicy
 from mailer.transport.outcomes import Outcome
 from mailer.web.app import create_app
 from tests.conftest import SECRET, auth, init_db, make_settings
-from tests.harness import MutableClock, SinkServer, query, wait_until
+from tests.databases import Db, active
+from tests.harness import MutableClock, SinkServer, as_utc, query, wait_until
 
 EVIDENCE = Evidence(channel="api", actor="tests")
 ANN, BOB = "ann@example.org", "bob@example.org"
@@ -41,8 +41,8 @@ class Row:
     next_attempt_at: datetime
 
 
-def row_of(db_path: Path, email: str) -> Row:
-    """The one outbox row addressed to ``email``, read through a separate sqlite3 connection."""
+def row_of(db_path: Db, email: str) -> Row:
+    """The one outbox row addressed to ``email``, read through a separate connection."""
     found = query(
         db_path,
         "SELECT o.status, o.reason, o.attempts, o.next_attempt_at FROM outbox o"
@@ -51,28 +51,24 @@ def row_of(db_path: Path, email: str) -> Row:
     )
     assert len(found) == 1, found
     status, reason, attempts, at = found[0]
-    return Row(status, reason, attempts, datetime.fromisoformat(at).replace(tzinfo=UTC))
+    return Row(status, reason, attempts, as_utc(at))
 
 
-def execute(db_path: Path, sql: str, *params: Any) -> None:
+def execute(db_path: Db, sql: str, *params: Any) -> None:
     """Change the database behind the mailer's back (as a crash would leave it), committed."""
-    conn = sqlite3.connect(db_path)
-    try:
-        with conn:
-            assert conn.execute(sql, params).rowcount == 1
-    finally:
-        conn.close()
+    with active.connect(db_path) as conn, conn:
+        assert conn.execute(sql, params).rowcount == 1
 
 
-def status_of(db_path: Path, email: str) -> str:
+def status_of(db_path: Db, email: str) -> str:
     return row_of(db_path, email).status
 
 
-def db_of(settings: Settings) -> Path:
-    return Path(settings.database_url.removeprefix("sqlite+aiosqlite:///"))
+def db_of(settings: Settings) -> Db:
+    return settings.database_url
 
 
-async def settled(db_path: Path, email: str, status: str = "sent") -> None:
+async def settled(db_path: Db, email: str, status: str = "sent") -> None:
     await wait_until(
         lambda: status_of(db_path, email) == status, what=f"{email}'s message to be {status}"
     )

@@ -160,14 +160,15 @@ class Sender:
                 self._bucket.spend(self._clock.monotonic())
             ready = await self._prepare(message)
             checked = self._clock.monotonic()
-            verdict = await self._check(message)
+            checked_at = self._clock.now()  # before the probe, whose snapshot is no older
+            verdict = await self._check(message, checked_at)
             if verdict is not None:
                 self.recorder.add(verdict)
                 return True
             if isinstance(ready, str):  # could not be built: nothing has left the machine
-                self._finish(message, self._clock.now(), OutboxStatus.FAILED, ready)
+                self._finish(message, checked_at, OutboxStatus.FAILED, ready)
                 return True
-            await self._deliver(conn, message, ready, checked, self._clock.now())
+            await self._deliver(conn, message, ready, checked, checked_at)
         return True
 
     async def release(self) -> None:
@@ -203,10 +204,11 @@ class Sender:
         finally:
             self._filling = None
 
-    async def _check(self, message: Claimed) -> Outcome | None:
-        """The consent check right before hand-off; an outcome when the message must not go."""
+    async def _check(self, message: Claimed, now: datetime) -> Outcome | None:
+        """The consent check right before hand-off, as of ``now`` (taken just before it, so
+        a check recorded after an opt-out's answer did see that opt-out); an outcome when
+        the message must not go."""
         row = await self._db.peek(outbox.PROBE, {"oid": message.outbox_id})
-        now = self._clock.now()
         if row is None:  # the person was erased since the claim, and the row with them
             return Outcome(message.outbox_id, OutboxStatus.SKIPPED, "erased", None)
         subscription, suppressed, campaign_status, confirmed_anywhere = row

@@ -21,6 +21,9 @@ from mailer.errors import ConfigError
 
 T = TypeVar("T")
 
+ERASED_TABLES = ("subscriber", "subscription", "outbox", "consent_event")
+"""Tables an erasure deletes rows from or blanks values in."""
+
 
 class DatabaseClosed(RuntimeError):
     """A transaction was attempted after ``close()``."""
@@ -78,30 +81,50 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str) -> None:
         self._engine: AsyncEngine = create_async_engine(url, pool_size=10, pool_pre_ping=True)
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:  # a disposed engine would quietly open new connections
+            raise DatabaseClosed("the database is closed")
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        self._check_open()
         async with self._engine.begin() as conn:
             return await conn.run_sync(fn, *args)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        self._check_open()
         async with self._engine.connect() as conn:
             result = await conn.run_sync(fn, *args)
             await conn.rollback()
             return result
 
     async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
+        self._check_open()
         async with self._engine.connect() as conn:
             row = (await conn.execute(statement, params)).first()
             return None if row is None else tuple(row)
 
     async def run_outside_transaction(self, fn: Callable[[Connection], T]) -> T:
+        self._check_open()
         async with self._engine.connect() as conn:
             result = await conn.run_sync(fn)
             await conn.commit()
             return result
 
+    async def compact_erased(self) -> None:
+        """``VACUUM`` the tables that held the person: their dead rows are no longer reachable
+        by any query or snapshot. PostgreSQL has no ``secure_delete``: until the space is
+        reused, page free space and the write-ahead log may still hold old images."""
+        async with self._engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.exec_driver_sql(f"VACUUM {', '.join(ERASED_TABLES)}")
+
     async def close(self) -> None:
-        await self._engine.dispose()
+        """Close every pooled connection; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            await self._engine.dispose()
 
 
 def ping(conn: Connection) -> bool:

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, text, update
 
 from mailer.domain.ledger import GENESIS, Entry, Evidence, entry_hash, evidence_digest
 from mailer.store import policy
@@ -21,6 +21,8 @@ class LedgerRecord:
 
 _HEAD = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
 _INSERT = insert(t)
+_APPEND_LOCK = text("SELECT pg_advisory_xact_lock(7102591)")
+"""PostgreSQL: one appender at a time, until its transaction ends (the key is arbitrary)."""
 
 
 def append(
@@ -35,10 +37,14 @@ def append(
     """Append one entry linked to the current head; return its sequence number.
 
     The scope is the list named by ``list_uid``, or ``global`` without one. Callers run
-    inside a write transaction, so the head cannot move underneath; the primary key on
-    ``seq`` refuses a fork should two writers ever race. The entry records the privacy-policy
-    version in force at ``now`` (changes apply going forward only).
+    inside a write transaction, so the head cannot move underneath: SQLite has one writer,
+    and on PostgreSQL concurrent writers queue on an advisory lock held to the end of the
+    transaction. The primary key on ``seq`` refuses a fork should two writers ever race. The
+    entry records the privacy-policy version in force at ``now`` (changes apply going
+    forward only).
     """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_APPEND_LOCK)
     head = conn.execute(_HEAD).first()
     seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
     entry = Entry(
