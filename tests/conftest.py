@@ -1,7 +1,6 @@
 """Fixtures: a real mailer on a real SQLite file, a real SMTP sink, a real aiohttp server."""
 
 import re
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,12 +8,14 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import Connection
 
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.cli.main import main as cli_main
 from mailer.config import Settings, load_settings
 from mailer.services.setup import initialise
 from mailer.store.db import open_database
+from mailer.store.tables import subscribers, subscriptions
 from mailer.web.app import create_app
 from tests.harness import Captured, SinkServer
 
@@ -104,30 +105,35 @@ def links(message: Captured) -> dict[str, str]:
     return found
 
 
-def seed_confirmed(m: Mailer, db: Path, list_id: int, emails: list[str]) -> None:
-    """Insert ``emails`` as confirmed subscribers of a list, in id order, straight into SQLite.
+async def seed_confirmed(m: Mailer, list_id: int, emails: list[str]) -> None:
+    """Insert ``emails`` as confirmed subscribers of a list, in id order, in one transaction.
 
-    Fast set-up for tests that send to many people; addresses are normalised and hashed by
-    the mailer itself, so unsubscribing them by address works as usual.
+    Fast set-up for tests that send to many people, on SQLite or PostgreSQL alike; addresses
+    are normalised and hashed by the mailer itself, so unsubscribing them by address works.
     """
-    now = datetime.now(UTC).isoformat(sep=" ")
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            for raw in emails:
-                address, subject = m.consent.identify(raw)
-                cur = conn.execute(
-                    "INSERT INTO subscriber (email, email_hash, name, created_at)"
-                    " VALUES (?, ?, NULL, ?)",
-                    (address.email, subject, now),
+    now = datetime.now(UTC)
+    people = [m.consent.identify(raw) for raw in emails]
+
+    def insert(conn: Connection) -> None:
+        for address, subject in people:
+            sid = conn.execute(
+                subscribers.insert().values(
+                    email=address.email, email_hash=subject, name=None, created_at=now
                 )
-                conn.execute(
-                    "INSERT INTO subscription (subscriber_id, list_id, status, created_at,"
-                    " updated_at, confirmed_at) VALUES (?, ?, 'confirmed', ?, ?, ?)",
-                    (cur.lastrowid, list_id, now, now, now),
+            ).inserted_primary_key
+            assert sid is not None
+            conn.execute(
+                subscriptions.insert().values(
+                    subscriber_id=sid[0],
+                    list_id=list_id,
+                    status="confirmed",
+                    created_at=now,
+                    updated_at=now,
+                    confirmed_at=now,
                 )
-    finally:
-        conn.close()
+            )
+
+    await m.db.write(insert)
 
 
 Run = tuple[int, str, str]

@@ -20,6 +20,7 @@ class LedgerRecord:
 
 
 _HEAD = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
+_APPENDERS_TAKE_TURNS = select(func.pg_advisory_xact_lock(0x6C6564676572))  # "ledger"
 _INSERT = insert(t)
 
 
@@ -35,10 +36,13 @@ def append(
     """Append one entry linked to the current head; return its sequence number.
 
     The scope is the list named by ``list_uid``, or ``global`` without one. Callers run
-    inside a write transaction, so the head cannot move underneath; the primary key on
-    ``seq`` refuses a fork should two writers ever race. The entry records the privacy-policy
+    inside a write transaction, so the head cannot move underneath (SQLite has one writer;
+    on PostgreSQL appenders take turns on a transaction-scoped advisory lock); the primary
+    key on ``seq`` refuses a fork should two writers ever race. The entry records the privacy-policy
     version in force at ``now`` (changes apply going forward only).
     """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_APPENDERS_TAKE_TURNS)
     head = conn.execute(_HEAD).first()
     seq, prev = (1, GENESIS) if head is None else (int(head[0]) + 1, str(head[1]))
     entry = Entry(
