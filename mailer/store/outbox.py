@@ -307,8 +307,8 @@ class Outcome:
 BOUNCE_EVIDENCE = Evidence(channel=Channel.BOUNCE.value, actor="relay")
 
 
-def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
-    """Write outcomes, each only over ``sending`` under its fence; return how many landed.
+def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+    """Write outcomes, each only over ``sending`` under its fence (compare-and-set).
 
     An outcome whose row was reaped or claimed again since (its lease expired) lands nowhere.
     """
@@ -335,11 +335,9 @@ def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
                 evidence=BOUNCE_EVIDENCE,
                 now=now,
             )
-    landed = 0
     for statement, params in ((_FINISH, finals), (_RETRY, retries), (_REQUEUE, requeues)):
         if params:
-            landed += int(conn.execute(statement, params).rowcount)
-    return landed
+            conn.execute(statement, params)
 
 
 def claim_batch(
