@@ -210,9 +210,9 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
     Recipients are taken in subscriber-id order after a cursor kept on the campaign, in the
     same transaction, so a crash between chunks resumes where it stopped; the outbox's
     unique constraint makes a repeated chunk harmless. The campaign row is locked first, so
-    schedulers of several workers take turns and each reads the cursor the last one left. Only confirmed, unsuppressed people
-    are queued here (for a newsletter, of its list; for an announcement, of any list, once
-    each); the send-time check decides again for each message.
+    schedulers of several workers take turns and each reads the cursor the last one left.
+    Only confirmed, unsuppressed people are queued here (for a newsletter, of its list; for an
+    announcement, of any list, once each); the send-time check decides again for each message.
     """
     row = conn.execute(  # locked: concurrent schedulers (PostgreSQL) fan out one at a time
         select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind)
