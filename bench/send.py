@@ -538,6 +538,7 @@ class Options:
     timeout: float
     keep: bool
     dkim: str | None = None
+    inbound: bool = False
     workers: tuple[int, ...] = (1,)
     postgres_url: str = ""
 
@@ -582,6 +583,9 @@ async def _run(o: Options, cwd: Path, procs: list[subprocess.Popen[bytes]]) -> i
     if o.fanout_only:
         env["MAILER_SMTP_RATE"] = "0.001"  # the worker fans out but (almost) never sends
 
+    if o.inbound:  # per message: a VERP sender and a mailto: unsubscribe (two HMACs)
+        env.update(MAILER_INBOUND_PORT=str(free_port()), MAILER_BOUNCE_DOMAIN="bounces.example.org")
+        print("  inbound mail on: VERP senders and mailto: unsubscribe", flush=True)
     if o.dkim:
         key = cwd / "var" / "dkim.pem"
         mailer_cli(cwd, env, "dkim", "keygen", "--selector", "bench", "--algorithm", o.dkim,
@@ -915,6 +919,11 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument(
         "--dkim", choices=("rsa", "ed25519"), default=None, help="sign with a fresh DKIM key"
     )
+    p.add_argument(
+        "--inbound",
+        action="store_true",
+        help="MAILER_INBOUND_PORT set: VERP and mailto: per message",
+    )
     a = p.parse_args(argv)
     if a.sink == "smtp-sink" and not shutil.which("smtp-sink"):
         raise SystemExit(
@@ -937,6 +946,7 @@ def parse_args(argv: list[str]) -> Options:
         a.timeout,
         a.keep,
         a.dkim,
+        a.inbound,
         tuple(int(w) for w in a.workers.split(",")),
         a.postgres_url,
     )

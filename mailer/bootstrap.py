@@ -9,11 +9,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mailer.config import Settings
-from mailer.domain.tokens import TokenCodec
+from mailer.domain.feedback import SoftBounceRule
+from mailer.domain.inbound import InboundAddresses
+from mailer.domain.tokens import RowTokens, TokenCodec
 from mailer.render import Renderer
 from mailer.services.apikeys import ApiKeys
 from mailer.services.campaigns import Campaigns
+from mailer.services.feedback import FeedbackService
 from mailer.services.importing import Importer
+from mailer.services.inbound import InboundMail
 from mailer.services.lists import Lists
 from mailer.services.messages import MessageConfig, MessageFactory
 from mailer.services.metrics import Metrics
@@ -28,6 +32,7 @@ from mailer.services.throttle import LocalThrottle, SharedThrottle, Throttle
 from mailer.store.db import Database, open_database
 from mailer.transport.capture import CaptureServer
 from mailer.transport.dkim import DkimSigner, load_keys
+from mailer.transport.inbound import InboundServer
 from mailer.transport.smtp import RelayConfig, SmtpPool
 from mailer.worker import Worker
 
@@ -48,8 +53,12 @@ class Mailer:
     campaigns: Campaigns
     policy: Policy
     imports: Importer
+    feedback: FeedbackService
+    inbound: InboundMail | None = None
+    """Set when inbound mail is configured (``MAILER_INBOUND_PORT``)."""
     worker: Worker | None = None
     capture: CaptureServer | None = None
+    listener: InboundServer | None = None
 
 
 def _relay(settings: Settings, capture: CaptureServer | None) -> RelayConfig:
@@ -89,9 +98,14 @@ def _signer(settings: Settings) -> Signer:
 
 @asynccontextmanager
 async def open_mailer(
-    settings: Settings, *, sending: bool = False, clock: Clock | None = None
+    settings: Settings,
+    *,
+    sending: bool = False,
+    listening: bool = False,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Mailer]:
-    """Build a mailer from settings; with ``sending``, also start the worker and transport."""
+    """Build a mailer from settings; with ``sending``, also start the worker and transport;
+    with ``listening`` (and inbound mail configured), the inbound SMTP listener."""
     clock = clock or SystemClock()
     async with AsyncExitStack() as stack:
         db = open_database(settings.database_url)
@@ -120,6 +134,11 @@ async def open_mailer(
             for hook in reschedule:
                 hook()
 
+        addresses = (
+            InboundAddresses(RowTokens(keys), settings.inbound_domain)
+            if settings.inbound_enabled
+            else None
+        )
         factory = MessageFactory(
             renderer,
             codec,
@@ -127,6 +146,7 @@ async def open_mailer(
             MessageConfig(
                 settings.base_url, settings.from_addr, secrets.instance_id, settings.org_name
             ),
+            addresses,
         )
 
         consent = Subscriptions(
@@ -160,7 +180,28 @@ async def open_mailer(
                 timedelta(minutes=settings.confirm_resend_minutes),
                 on_enqueued=wake_senders,
             ),
+            feedback=FeedbackService(
+                db,
+                consent,
+                clock,
+                metrics,
+                SoftBounceRule(
+                    settings.soft_bounce_limit, timedelta(days=settings.soft_bounce_days)
+                ),
+            ),
         )
+        if addresses is not None:
+            mailer.inbound = InboundMail(addresses, codec, settings.base_url, mailer.feedback)
+        if listening and mailer.inbound is not None and settings.inbound_port is not None:
+            listener = InboundServer(
+                mailer.inbound,
+                settings.inbound_host,
+                settings.inbound_port,
+                settings.inbound_domain,
+            )
+            await listener.start()
+            stack.push_async_callback(listener.stop)
+            mailer.listener = listener
         if sending:
             capture = None
             if settings.uses_capture:
@@ -175,6 +216,8 @@ async def open_mailer(
                 lease_seconds=settings.lease_seconds,
                 shared=shared,
             )
+            signer = _signer(settings)
+            stack.callback(signer.close)
             sender = Sender(
                 db,
                 pool,
@@ -184,7 +227,7 @@ async def open_mailer(
                 policy,
                 sender_identity(),
                 prefetch=2 * settings.smtp_connections,
-                signer=_signer(settings),
+                signer=signer,
                 throttle=_throttle(settings, db, clock),
             )
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)

@@ -6,6 +6,7 @@ A bad value anywhere raises one ``ConfigError`` that names the setting and the p
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,9 @@ DEFAULT_CONFIG_FILE = Path("config/mailer.toml")
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-SECRET_FIELDS = frozenset({"secret_keys", "smtp_password"})
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
+SECRET_FIELDS = frozenset({"secret_keys", "smtp_password", "webhook_secrets"})
+WEBHOOK_SECRET_MIN_LENGTH = 16
 
 
 def _split_csv(value: object) -> object:
@@ -59,6 +62,11 @@ class Settings(BaseModel):
     org_name: str = "Example Org"
     org_address: str = "1 Example Street, 00000 Example City"
     privacy_contact: str = "privacy@example.org"
+    inbound_host: str = "127.0.0.1"
+    inbound_port: int | None = Field(None, ge=0, le=65535)
+    """Unset: inbound mail (bounces, complaints, ``mailto:`` unsubscribe) is off. 0: any port."""
+    bounce_domain: str | None = None
+    """The domain of the inbound addresses; unset: the domain of ``from``."""
     dkim_domain: str | None = None
     dkim_selector: list[str] = Field(default_factory=list)
     """One selector per key file, in the same order (comma-separated in the env)."""
@@ -79,11 +87,29 @@ class Settings(BaseModel):
     lease_seconds: float = Field(60.0, ge=0.5)
     """How long a sender's claim on a message holds without renewal (PostgreSQL): a sender
     that stops for longer loses it, and the message is reported, never sent twice."""
+    soft_bounce_limit: int = Field(5, ge=1)
+    """Soft bounces within ``soft_bounce_days`` after which an address is suppressed."""
+    soft_bounce_days: int = Field(30, ge=1)
+    webhook_secrets: list[SecretStr] = Field(default_factory=list)
+    """HMAC keys for ``POST /api/v1/events``, comma-separated; any verifies (rotation).
+    None: the route answers 404."""
 
-    @field_validator("secret_keys", "dkim_selector", "dkim_key_file", mode="before")
+    @field_validator(
+        "secret_keys", "dkim_selector", "dkim_key_file", "webhook_secrets", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(v.get_secret_value()) < WEBHOOK_SECRET_MIN_LENGTH for v in value):
+            raise ValueError(
+                f"each secret needs at least {WEBHOOK_SECRET_MIN_LENGTH} characters "
+                f"(e.g. the output of `openssl rand -hex 32`)"
+            )
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -91,6 +117,16 @@ class Settings(BaseModel):
         value = _split_csv(value)
         if isinstance(value, list):
             return [ipaddress.ip_network(str(v), strict=False) for v in value]
+        return value
+
+    @field_validator("bounce_domain")
+    @classmethod
+    def _bounce_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower().rstrip(".")
+        if not _DOMAIN.fullmatch(value):
+            raise ValueError("must be a domain name such as bounces.example.org (IDNs as xn--)")
         return value
 
     @field_validator("base_url")
@@ -112,6 +148,11 @@ class Settings(BaseModel):
                 f"MAILER_DKIM_SELECTOR names {len(self.dkim_selector)} selector(s) for "
                 f"{len(self.dkim_key_file)} MAILER_DKIM_KEY_FILE key(s); give one per key"
             )
+        if self.inbound_enabled and not _DOMAIN.fullmatch(self.inbound_domain):
+            raise ValueError(
+                f"inbound mail needs an ASCII domain for its addresses, and {self.inbound_domain!r}"
+                " (from MAILER_FROM) is not one; set MAILER_BOUNCE_DOMAIN"
+            )
         kinds = [_check_dkim_key(path) for path in self.dkim_key_file]
         if len(set(kinds)) != len(kinds):
             raise ValueError("MAILER_DKIM_KEY_FILE: give at most one RSA and one Ed25519 key")
@@ -121,6 +162,16 @@ class Settings(BaseModel):
     def uses_capture(self) -> bool:
         """True when no relay is configured and mail goes to the embedded capture server."""
         return self.smtp_host is None
+
+    @property
+    def inbound_enabled(self) -> bool:
+        """True when the inbound listener is configured (``MAILER_INBOUND_PORT`` is set)."""
+        return self.inbound_port is not None
+
+    @property
+    def inbound_domain(self) -> str:
+        """The domain of the VERP bounce, ``mailto:`` unsubscribe and feedback-loop addresses."""
+        return self.bounce_domain or self.from_addr.rpartition("@")[2].lower()
 
     @property
     def outbox_dir(self) -> Path:

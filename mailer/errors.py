@@ -39,6 +39,18 @@ class Unauthorized(MailerError):
     code = "unauthorized"
 
 
+class BadWebhookSignature(Unauthorized):
+    """A relay webhook whose signature is missing, wrong, or outside the replay window."""
+
+    code = "bad_signature"
+
+
+class TooLarge(MailerError):
+    """A request body over the route's size limit."""
+
+    code = "too_large"
+
+
 class RateLimited(MailerError):
     code = "rate_limited"
 

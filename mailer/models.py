@@ -174,6 +174,11 @@ class Outbox(SQLModel, table=True):
     fence: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     """Incremented at every claim: outcomes are written only under the fence they were
     claimed with, so a sender whose lease was taken away cannot overwrite the row."""
+    feedback: str | None = Field(default=None, max_length=16)
+    """The strongest report about this delivery after it left: hard-bounce, soft-bounce,
+    complaint (``mailer.domain.feedback.FeedbackKind``)."""
+    feedback_detail: str | None = Field(default=None, max_length=400)
+    feedback_at: datetime | None = None
 
 
 class RateBucket(SQLModel, table=True):
@@ -185,6 +190,16 @@ class RateBucket(SQLModel, table=True):
     tokens: float
     updated_at: datetime
     """When ``tokens`` was last refilled (database time)."""
+
+
+class BounceScore(SQLModel, table=True):
+    """Soft bounces counted for one address (by hash) within the current window."""
+
+    __tablename__ = "bounce_score"
+
+    email_hash: str = Field(sa_column=Column(String(32), primary_key=True))
+    soft_count: int
+    since: datetime
 
 
 class InstanceSetting(SQLModel, table=True):

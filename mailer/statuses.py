@@ -40,6 +40,9 @@ class Channel(StrEnum):
     CLI = "cli"
     IMPORT = "import"
     BOUNCE = "bounce"
+    COMPLAINT = "complaint"
+    MAIL = "mail"
+    """A mail to the ``mailto:`` unsubscribe address of a message."""
 
 
 class CampaignStatus(StrEnum):

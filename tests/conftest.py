@@ -2,7 +2,7 @@
 
 import re
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,18 @@ from sqlalchemy import Connection
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.cli.main import main as cli_main
 from mailer.config import Settings, load_settings
+from mailer.domain.ledger import Evidence
 from mailer.services.setup import initialise
 from mailer.store.db import open_database
 from mailer.store.tables import subscribers, subscriptions
+from mailer.transport.dkim import key_from_pem, new_private_key
 from mailer.web.app import create_app
-from tests.harness import Captured, SinkServer
+from tests.harness import Captured, SinkServer, wait_until
 
 SECRET = "test-secret-key-one"
 BASE_URL = "http://mailer.test"
+DKIM_DOMAIN = "example.org"
+STAFF = Evidence(channel="cli", actor="cli:test")
 
 
 @pytest.fixture
@@ -64,9 +68,10 @@ async def init_db(settings: Settings) -> None:
 
 @pytest.fixture
 async def mailer(settings: Settings) -> AsyncIterator[Mailer]:
-    """A running mailer with its worker sending to the sink."""
+    """A running mailer with its worker sending to the sink (and its inbound listener, when
+    the settings configure one)."""
     await init_db(settings)
-    async with open_mailer(settings, sending=True) as running:
+    async with open_mailer(settings, sending=True, listening=True) as running:
         yield running
 
 
@@ -176,3 +181,49 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
 
 def path_of(url: str) -> str:
     return url.removeprefix(BASE_URL)
+
+
+def dkim_key(tmp_path: Path, algorithm: str, selector: str) -> tuple[Path, str, str]:
+    """A fresh 0600 DKIM private key file: (path, TXT name, TXT value to publish)."""
+    pem = new_private_key(algorithm)
+    path = tmp_path / f"{selector}.pem"
+    path.write_bytes(pem)
+    path.chmod(0o600)
+    record = key_from_pem(pem, selector).public_record
+    return path, f"{selector}._domainkey.{DKIM_DOMAIN}", record
+
+
+def dkim_settings(
+    tmp_path: Path, sink: SinkServer, algorithms: tuple[str, ...]
+) -> tuple[Settings, dict[str, str]]:
+    """Settings that sign with one new key per algorithm (selector ``ALGORITHMsel``) and send
+    to ``sink``; and the TXT records (name -> value) their signatures verify under."""
+    keys = [dkim_key(tmp_path, a, f"{a}sel") for a in algorithms]
+    settings = make_settings(
+        tmp_path,
+        smtp_host="127.0.0.1",
+        smtp_port=sink.port,
+        dkim_domain=DKIM_DOMAIN,
+        dkim_selector=",".join(f"{a}sel" for a in algorithms),
+        dkim_key_file=",".join(str(path) for path, _, _ in keys),
+    )
+    return settings, {name: record for _, name, record in keys}
+
+
+async def send_every_kind(m: Mailer, db: Path, sink: SinkServer) -> dict[str, Captured]:
+    """A confirmation request, a campaign, a preview and a policy announcement, each sent
+    through the real send path and captured at the sink."""
+    list_id = (await m.lists.create("news", "Example News")).id
+    await m.consent.request_opt_in("new@example.org", "news", None, STAFF)
+    seed_confirmed(m, db, list_id, ["reader@example.org"])
+    kinds = ("confirm", "campaign", "preview", "announcement")
+    await wait_until(lambda: len(sink.messages) == 1, 10, "the confirmation request")
+    cid = await m.campaigns.create("news", "The November issue", "Hello *world*", "campaign")
+    await m.campaigns.send(cid)
+    await wait_until(lambda: len(sink.messages) == 2, 10, "the campaign")
+    draft = await m.campaigns.create("news", "The December issue", "Hello *again*", "campaign")
+    await m.campaigns.preview_to(draft, "reader@example.org")
+    await wait_until(lambda: len(sink.messages) == 3, 10, "the preview")
+    await m.policy.publish("2026-12", date.today() + timedelta(days=30), "Shorter.", None)
+    await wait_until(lambda: len(sink.messages) == 4, 10, "the announcement")
+    return dict(zip(kinds, sink.messages, strict=True))

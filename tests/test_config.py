@@ -20,6 +20,7 @@ def test_defaults_match_the_product_contract() -> None:
     assert s.api_rate_per_minute == 60
     assert s.confirm_resend_minutes == 10
     assert s.uses_capture and s.smtp_tls == "none"
+    assert not s.inbound_enabled and s.inbound_host == "127.0.0.1"
 
 
 def test_layering(tmp_path: Path) -> None:
@@ -56,6 +57,10 @@ def test_lists_from_env() -> None:
         ({"MAILER_BASE_URL": "ftp://x"}, "MAILER_BASE_URL"),
         ({"MAILER_TRUSTED_PROXIES": "not-an-ip"}, "not-an-ip"),
         ({"MAILER_API_RATE_PER_MINUTE": "0"}, "MAILER_API_RATE_PER_MINUTE"),
+        ({"MAILER_INBOUND_PORT": "-1"}, "MAILER_INBOUND_PORT"),
+        ({"MAILER_BOUNCE_DOMAIN": "bounces@example.org"}, "MAILER_BOUNCE_DOMAIN"),
+        ({"MAILER_BOUNCE_DOMAIN": "exämple.org"}, "MAILER_BOUNCE_DOMAIN"),
+        ({"MAILER_INBOUND_PORT": "2525", "MAILER_FROM": "news@exämple.org"}, "BOUNCE_DOMAIN"),
     ],
 )
 def test_bad_value_is_one_readable_error(env: dict[str, str], fragment: str) -> None:
@@ -64,6 +69,17 @@ def test_bad_value_is_one_readable_error(env: dict[str, str], fragment: str) -> 
         load_settings(environ=env)
     assert fragment in caught.value.message
     assert "\n" not in caught.value.message
+
+
+def test_inbound_settings() -> None:
+    """Inbound is on when the port is set; its domain defaults to MAILER_FROM's, lower-cased."""
+    s = load_settings(environ={"MAILER_INBOUND_PORT": "2525", "MAILER_FROM": "News@Example.ORG"})
+    assert s.inbound_enabled and s.inbound_port == 2525
+    assert s.inbound_domain == "example.org"
+    s = load_settings(
+        environ={"MAILER_INBOUND_PORT": "25", "MAILER_BOUNCE_DOMAIN": "Bounces.Example.org."}
+    )
+    assert s.inbound_domain == "bounces.example.org"
 
 
 def test_bad_config_files(tmp_path: Path) -> None:
@@ -124,3 +140,15 @@ def test_dkim_settings_refuse_unsafe_or_unusable_keys(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=message) as caught:
             load_settings(environ=environ)
         assert "\n" not in str(caught.value)
+
+
+def test_webhook_secrets_are_a_list_of_long_secrets_never_echoed() -> None:
+    """MAILER_WEBHOOK_SECRETS is comma-separated; a short one is refused without showing it."""
+    assert load_settings(environ={}).webhook_secrets == []
+    s = load_settings(environ={"MAILER_WEBHOOK_SECRETS": f"{'n' * 16}, {'o' * 40}"})
+    assert [k.get_secret_value() for k in s.webhook_secrets] == ["n" * 16, "o" * 40]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"MAILER_WEBHOOK_SECRETS": f"{'n' * 16},tooshort-secret"})
+    assert "MAILER_WEBHOOK_SECRETS" in caught.value.message
+    assert "16 characters" in caught.value.message
+    assert "tooshort" not in caught.value.message

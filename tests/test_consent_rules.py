@@ -91,6 +91,11 @@ def test_an_unsubscribe_never_reopens_a_blocked_address() -> None:
             assert next_suppression(current, new) is new
     assert next_suppression(None, SuppressionReason.UNSUBSCRIBED) is SuppressionReason.UNSUBSCRIBED
     assert next_suppression(SuppressionReason.MANUAL, SuppressionReason.MANUAL) is None
+    bounced, complained = SuppressionReason.BOUNCED, SuppressionReason.COMPLAINED
+    assert next_suppression(complained, bounced) is None  # a bounce keeps the complaint
+    assert next_suppression(SuppressionReason.MANUAL, bounced) is None
+    assert next_suppression(bounced, complained) is complained
+    assert next_suppression(bounced, SuppressionReason.MANUAL) is SuppressionReason.MANUAL
     assert next_suppression(SuppressionReason.ERASED, SuppressionReason.UNSUBSCRIBED) is None
     assert (
         next_suppression(SuppressionReason.UNSUBSCRIBED, SuppressionReason.ERASED)

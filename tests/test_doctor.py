@@ -8,12 +8,29 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import dkim
 import pytest
 
+from mailer.cli import doctor as doctor_cli
 from mailer.cli.main import main
 from mailer.config import PACKAGE_TEMPLATES, Settings, load_settings
 from mailer.domain.compose import Envelope, Rendered, compose
-from mailer.services.doctor import Expected, dkim_problems, message_problems
+from mailer.domain.inbound import InboundAddresses
+from mailer.domain.tokens import RowTokens
+from mailer.services import doctor as doctor_checks
+from mailer.services.doctor import (
+    DKIM_COVERS,
+    Expected,
+    TxtLookup,
+    dkim_keys,
+    dkim_problems,
+    dns_records,
+    inbound_problems,
+    message_problems,
+)
+from mailer.transport.dkim import DkimSigner, key_from_pem, load_keys, new_private_key
+from mailer.transport.dns import DnsUnavailable
+from tests.conftest import DKIM_DOMAIN, dkim_key
 from tests.harness import SinkServer, query, snapshot
 
 ORG = {
@@ -239,6 +256,21 @@ async def test_base_url_must_be_https_unless_loopback(
     assert rows["one-click POST (urlencoded)"][0] == "pass"
 
 
+async def test_with_inbound_mail_on_each_message_offers_mailto_and_a_verp_sender(
+    live: Live, sink: SinkServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message rows also check the mailto: entry and the envelope sender; the private
+    instance does not bind the live inbound port."""
+    monkeypatch.setenv("MAILER_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("MAILER_SMTP_PORT", str(sink.port))
+    monkeypatch.setenv("MAILER_INBOUND_PORT", str(sink.port))  # taken: doctor must not bind it
+    monkeypatch.setenv("MAILER_BOUNCE_DOMAIN", "bounces.forening.se")
+    code, rows = await live.doctor()
+    assert code == 0, rows
+    for name in ("message: confirmation request", "message: campaign"):
+        assert rows[name][0] == "pass" and "mailto:" in rows[name][1], rows[name]
+
+
 async def test_several_signing_keys_pass(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keys from MAILER_SECRET_KEYS: the first signs, every key verifies; no key file needed."""
     monkeypatch.setenv("MAILER_SECRET_KEYS", f"{'n' * 40},{'o' * 40}")
@@ -351,15 +383,230 @@ def test_footer_missing_from_html_is_named() -> None:
     ]
 
 
-def test_dkim_signature_must_cover_the_unsubscribe_headers() -> None:
-    """When DKIM is configured, a signature that leaves out List-Unsubscribe-Post is named."""
-    settings = footer_settings().model_copy(
-        update={"dkim_domain": "forening.se", "dkim_selector": "mail", "dkim_key_file": Path("k")}
-    )
+# -- DKIM and the DNS records ----------------------------------------------------------------
+
+SELECTORS = ("rsasel", "ed25519sel")
+
+
+def dkim_footer_settings(tmp_path: Path, **overrides: str) -> tuple[Settings, dict[str, str]]:
+    """Footer settings that sign with an RSA and an Ed25519 key; and their TXT records."""
+    keys = [dkim_key(tmp_path, a, s) for a, s in zip(("rsa", "ed25519"), SELECTORS, strict=True)]
+    values = {
+        "base_url": BASE_URL,
+        **FOOTER,
+        "dkim_domain": DKIM_DOMAIN,
+        "dkim_selector": ",".join(SELECTORS),
+        "dkim_key_file": ",".join(str(path) for path, _, _ in keys),
+    }
+    settings = load_settings(environ={}, **(values | overrides))
+    return settings, {name: record for _, name, record in keys}
+
+
+def signed_by(tmp_path: Path, settings: Settings) -> bytes:
+    """A composed message signed by the mailer's own signer with the configured key files."""
+    keys = load_keys(settings.dkim_key_file, settings.dkim_selector)
+    return DkimSigner(DKIM_DOMAIN, keys).sign_now(message_bytes())
+
+
+def test_dkim_check_verifies_each_signature_with_the_key_files(tmp_path: Path) -> None:
+    """Dual-signed by the configured keys: no problem. Signed by other keys under the same
+    selectors (the key file is not the signing key), or by one key only: each is named."""
+    settings, _ = dkim_footer_settings(tmp_path)
+    keys = dkim_keys(settings)
+    good = signed_by(tmp_path, settings)
+    assert dkim_problems(good, settings, keys) == []
+    assert doctor_checks.dkim(settings, {"campaign": good}).status == "pass"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    impostor, _ = dkim_footer_settings(other)
+    wrong = signed_by(other, impostor)
+    assert dkim_problems(wrong, settings, keys) == [
+        f"DKIM s={s}: does not verify with the public key of its key file" for s in SELECTORS
+    ]
+    row = doctor_checks.dkim(settings, {"campaign": good, "announcement": wrong})
+    assert row.status == "fail" and row.detail.startswith("announcement: DKIM s=rsasel")
+
+    one = DkimSigner(DKIM_DOMAIN, load_keys(settings.dkim_key_file[:1], SELECTORS[:1]))
+    assert dkim_problems(one.sign_now(message_bytes()), settings, keys) == [
+        "no DKIM signature for selector ed25519sel"
+    ]
+    assert dkim_problems(message_bytes(), settings, keys) == ["no DKIM-Signature"]
+
+
+OVER_SIGN = "h= does not over-sign {} (a copy could be added after signing)"
+
+
+@pytest.mark.parametrize(
+    ("include", "problems"),
+    [
+        (
+            DKIM_COVERS[:-1],
+            [
+                "h= does not cover list-unsubscribe-post",
+                OVER_SIGN.format(", ".join(DKIM_COVERS[:-1])),
+            ],
+        ),
+        (DKIM_COVERS, [OVER_SIGN.format(", ".join(DKIM_COVERS))]),
+        (DKIM_COVERS + DKIM_COVERS, []),
+    ],
+)
+def test_dkim_check_wants_every_header_covered_and_over_signed(
+    tmp_path: Path, include: tuple[str, ...], problems: list[str]
+) -> None:
+    """A signature (here dkimpy's own) that verifies but leaves a header out, or signs each
+    only once so a copy could be added after signing, is named; listing each twice passes."""
+    settings, _ = dkim_footer_settings(tmp_path)
+    keys = {"rsasel": dkim_keys(settings)["rsasel"]}
+    pem = settings.dkim_key_file[0].read_bytes()
+    headers = [h.encode() for h in include]
     raw = message_bytes()
-    signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=forening.se; s=mail;\r\n h=%s; bh=x; b=y\r\n"
-    full = signed % b"From:Subject:List-Unsubscribe:List-Unsubscribe-Post"
-    assert dkim_problems(full + raw, settings) == []
-    partial = signed % b"from:subject:list-unsubscribe"
-    assert dkim_problems(partial + raw, settings) == ["DKIM does not cover list-unsubscribe-post"]
-    assert dkim_problems(raw, settings) == ["no DKIM-Signature"]
+    signature = dkim.sign(raw, b"rsasel", DKIM_DOMAIN.encode(), pem, include_headers=headers)
+    assert dkim_problems(signature + raw, settings, keys) == [
+        f"DKIM s=rsasel: {p}" for p in problems
+    ]
+
+
+def test_inbound_problems_are_named() -> None:
+    """With inbound mail on: a genuine mailto: after the https URL, a genuine VERP sender,
+    both naming the same message."""
+    inbound = InboundAddresses(RowTokens(["k"]), "bounces.forening.se")
+    mailto = inbound.unsubscribe_mailto(5)
+    raw = message_bytes().replace(
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>".encode(),
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>, <{mailto}>".encode(),
+    )
+    assert inbound_problems(raw, inbound.bounce(5), inbound) == []
+    assert inbound_problems(message_bytes(), inbound.bounce(5), inbound) == [
+        "List-Unsubscribe offers no mailto: address"
+    ]
+    assert inbound_problems(raw, "nyheter@forening.se", inbound) == [
+        "the envelope sender is not a genuine bounces+TOKEN@bounces.forening.se"
+    ]
+    assert inbound_problems(raw, inbound.bounce(6), inbound) == [
+        "the mailto: address and the envelope sender name different messages"
+    ]
+    forged = raw.replace(mailto.encode(), mailto.replace("-", "-x", 1).encode())
+    assert inbound_problems(forged, inbound.bounce(5), inbound) == [
+        "the mailto: entry is not a genuine unsubscribe+TOKEN@bounces.forening.se"
+        "?subject=unsubscribe"
+    ]
+    swapped = message_bytes().replace(
+        f"List-Unsubscribe: <{UNSUBSCRIBE}>".encode(),
+        f"List-Unsubscribe: <{mailto}>, <{UNSUBSCRIBE}>".encode(),
+    )
+    assert inbound_problems(swapped, inbound.bounce(5), inbound) == [
+        "List-Unsubscribe lists the mailto: address before the https URL"
+    ]
+
+
+def stub_dns(published: dict[str, str] | None) -> TxtLookup:
+    """A TXT resolver serving ``published``; ``None``: DNS cannot be reached at all."""
+
+    async def lookup(name: str) -> str | None:
+        if published is None:
+            raise DnsUnavailable("Timeout: no answer")
+        return published.get(name)
+
+    return lookup
+
+
+async def test_published_dkim_records_are_compared_with_the_keys(tmp_path: Path) -> None:
+    """The same keys published: pass; another key: fail; nothing: warn; no DNS: skip, with
+    "could not look up" (never a failure)."""
+    settings, records = dkim_footer_settings(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, others = dkim_footer_settings(other)
+    rsa_name = f"rsasel._domainkey.{DKIM_DOMAIN}"
+    cases = [
+        (records, "pass", f"{rsa_name}, ed25519sel._domainkey.example.org: published, the key"),
+        (
+            {**records, rsa_name: others[rsa_name]},
+            "fail",
+            f"another key than the key file's is published at {rsa_name}:",
+        ),
+        (
+            {rsa_name: records[rsa_name]},
+            "warn",
+            "not published yet: ed25519sel._domainkey.example.org;",
+        ),
+        (None, "skip", f"could not look up {rsa_name} (Timeout: no answer)"),
+    ]
+    for published, status, detail in cases:
+        row = await doctor_checks.dkim_dns(settings, stub_dns(published))
+        assert (row.name, row.status) == ("DKIM DNS records", status), row
+        assert row.detail.startswith(detail), row.detail
+    # the same key with other spacing and extra tags (t=y: testing) still matches
+    spaced = {n: v.replace(";", " ; ").replace("p=", "p= ") + "; t=y" for n, v in records.items()}
+    assert (await doctor_checks.dkim_dns(settings, stub_dns(spaced))).status == "pass"
+
+
+@pytest.mark.parametrize(
+    ("relay", "spf"),
+    [
+        ("smtp.relay.example", "v=spf1 mx a:smtp.relay.example ~all"),
+        ("192.0.2.25", "v=spf1 mx ip4:192.0.2.25 ~all"),
+        ("2001:db8::25", "v=spf1 mx ip6:2001:db8::25 ~all"),
+        ("127.0.0.1", "v=spf1 mx ~all"),
+    ],
+)
+def test_dns_records_to_publish(tmp_path: Path, relay: str, spf: str) -> None:
+    """The DKIM record per selector exactly as the key file's, SPF naming the relay, DMARC
+    starting at p=none; a DKIM domain that does not align with From is pointed out."""
+    settings, records = dkim_footer_settings(tmp_path, smtp_host=relay)
+    found = dns_records(settings)
+    assert [(r.name, r.type) for r in found] == [
+        (f"rsasel._domainkey.{DKIM_DOMAIN}", "TXT"),
+        (f"ed25519sel._domainkey.{DKIM_DOMAIN}", "TXT"),
+        ("example.org", "TXT"),
+        ("_dmarc.example.org", "TXT"),
+    ]
+    assert {r.name: r.value for r in found[:2]} == records
+    assert found[0].value.startswith("v=DKIM1; k=rsa; p=")
+    assert found[1].value.startswith("v=DKIM1; k=ed25519; p=")
+    assert found[2].value == spf and found[2].note.startswith("advice: SPF")
+    assert (relay != "127.0.0.1") == (relay in found[2].note)
+    assert found[3].value == "v=DMARC1; p=none; rua=mailto:postmaster@example.org"
+    assert "p=quarantine, then p=reject" in found[3].note
+    assert "DKIM d=example.org aligns with From example.org" in found[3].note
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere, _ = dkim_footer_settings(tmp_path / "elsewhere", dkim_domain="forening.se")
+    assert "d=forening.se does not align with From example.org" in dns_records(elsewhere)[3].note
+
+
+@pytest.mark.parametrize("published", ["same", "other", "unreachable"])
+async def test_doctor_with_dkim_checks_signatures_and_prints_the_records(
+    live: Live, monkeypatch: pytest.MonkeyPatch, published: str
+) -> None:
+    """Dual DKIM configured: every captured message verifies (DKIM passes); the published
+    records are compared through the (stubbed) resolver; the records are in the JSON and table."""
+    keys = [dkim_key(live.root, a, s) for a, s in zip(("rsa", "ed25519"), SELECTORS, strict=True)]
+    monkeypatch.setenv("MAILER_DKIM_DOMAIN", DKIM_DOMAIN)
+    monkeypatch.setenv("MAILER_DKIM_SELECTOR", ",".join(SELECTORS))
+    monkeypatch.setenv("MAILER_DKIM_KEY_FILE", ",".join(str(path) for path, _, _ in keys))
+    records = {name: record for _, name, record in keys}
+    other = key_from_pem(new_private_key("rsa"), "x").public_record
+    served = {"same": records, "other": dict.fromkeys(records, other), "unreachable": None}
+    monkeypatch.setattr(doctor_cli, "lookup_txt", stub_dns(served[published]))
+
+    code, out, _ = await live.run("doctor", "--json")
+    report = json.loads(out)
+    rows = {c["name"]: (c["status"], c["detail"]) for c in report["checks"]}
+
+    assert rows["DKIM"][0] == "pass", rows["DKIM"]
+    assert "s=rsasel, s=ed25519sel" in rows["DKIM"][1]
+    dns_status = {"same": "pass", "other": "fail", "unreachable": "skip"}[published]
+    assert rows["DKIM DNS records"][0] == dns_status
+    assert code == (1 if published == "other" else 0)
+    assert failing(rows) == (["DKIM DNS records"] if published == "other" else [])
+    by_name = {r["name"]: r for r in report["dns_records"]}
+    assert {n: by_name[n]["value"] for n in records} == records
+    assert by_name["_dmarc.forening.se"]["value"].startswith("v=DMARC1; p=none;")
+    assert set(by_name["forening.se"]) == {"name", "type", "value", "note"}
+
+    code, out, _ = await live.run("doctor")
+    for name, value in records.items():
+        assert f'{name} IN TXT "{value[:255]}"' in out
+    assert 'forening.se IN TXT "v=spf1 mx ~all"' in out
+    assert out.splitlines()[-1].startswith("FAILED" if published == "other" else "all checks")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Select
 
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.config import Settings
@@ -20,6 +21,7 @@ from mailer.services.ports import SystemClock
 from mailer.services.sending import Sender, SendPolicy
 from mailer.statuses import OutboxStatus
 from mailer.store import campaigns, outbox
+from mailer.store.db import Database
 from mailer.store.outbox import Lease, Outcome
 from mailer.transport.smtp import RelayConfig, SmtpPool
 from tests.conftest import SECRET, init_db, make_settings, seed_confirmed
@@ -117,17 +119,22 @@ class JumpingClock(SystemClock):
         return time.monotonic() + self.ahead
 
 
-class FreezeOnce:
-    """A signer that, the first time, lets ``seconds`` pass (between the probe and the send)."""
+class FreezeAfterFirstProbe:
+    """The mailer's database, except that after the first probe's answer ``seconds`` pass
+    (the process froze between the consent check and the hand-off)."""
 
-    def __init__(self, clock: JumpingClock, seconds: float) -> None:
-        self._clock, self._seconds, self.calls = clock, seconds, 0
+    def __init__(self, db: Database, clock: JumpingClock, seconds: float) -> None:
+        self._db, self._clock, self._seconds, self.peeks = db, clock, seconds, 0
 
-    def sign(self, data: bytes) -> bytes:
-        self.calls += 1
-        if self.calls == 1:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def peek(self, statement: Select[Any], params: dict[str, Any]) -> Any:
+        row = await self._db.peek(statement, params)
+        self.peeks += 1
+        if self.peeks == 1:
             self._clock.ahead += self._seconds
-        return data
+        return row
 
 
 @requires_postgres
@@ -144,11 +151,11 @@ async def test_sender_frozen_between_probe_and_send_does_not_hand_off(
             MessageConfig(settings.base_url, settings.from_addr, "test"),
         )
         policy = SendPolicy(lease_seconds=2.0, shared=True)
-        signer = FreezeOnce(clock, policy.lease_seconds)
+        db = FreezeAfterFirstProbe(m.db, clock, policy.lease_seconds)
         async with AsyncExitStack() as stack:
             pool = SmtpPool(RelayConfig("127.0.0.1", sink.port), size=1)
             stack.push_async_callback(pool.close)
-            sender = Sender(m.db, pool, factory, clock, m.metrics, policy, "me", signer=signer)
+            sender = Sender(db, pool, factory, clock, m.metrics, policy, "me")  # type: ignore[arg-type]
             sender.set_lanes([cid])
             sender.recorder.start()
             stack.push_async_callback(sender.recorder.stop)

@@ -1,7 +1,9 @@
 """`mailer init` + `mailer serve` as real processes, the way `make run` starts them."""
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -10,6 +12,7 @@ from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import aiohttp
+import aiosmtplib
 import pytest
 
 from tests.harness import wait_until
@@ -89,3 +92,75 @@ def test_serve_refuses_an_uninitialised_database(tmp_path: Path, env: dict[str, 
     assert result.stderr.strip().splitlines() == [
         "mailer: error: no secret key: set MAILER_SECRET_KEYS or run `mailer init`"
     ]
+
+
+async def smtp_ready(port: int) -> bool:
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=2) as smtp:
+            return (await smtp.noop()).code == 250
+    except (aiosmtplib.SMTPException, OSError):
+        return False
+
+
+async def test_serve_with_inbound_port_unsubscribes_by_mail(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """With MAILER_INBOUND_PORT, serve listens for mail too: the confirmation request offers
+    a mailto: address, writing to it unsubscribes (globally), and SIGTERM stops both cleanly."""
+    inbound = free_port()
+    env = {**env, "MAILER_INBOUND_PORT": str(inbound), "MAILER_BOUNCE_DOMAIN": "bounces.test"}
+    await run_mailer(tmp_path, env, "init")
+    await run_mailer(tmp_path, env, "list", "create", "news", "--name", "News")
+    await run_mailer(tmp_path, env, "subscriber", "add", "sam@example.org", "--list", "news")
+    proc = await asyncio.create_subprocess_exec(
+        *MAILER, "serve", cwd=tmp_path, env=env, stdout=PIPE, stderr=PIPE
+    )
+    try:
+        outbox = tmp_path / "var" / "outbox" / "new"
+        await wait_until(
+            lambda: outbox.is_dir() and len(list(outbox.iterdir())) == 1,
+            timeout=20,
+            what="captured mail",
+        )
+        captured = next(outbox.iterdir()).read_bytes()
+        found = re.search(rb"<mailto:(unsubscribe\+[0-9a-z-]+@bounces\.test)\?subject=", captured)
+        assert found is not None, captured
+        await wait_until(lambda: smtp_ready(inbound), timeout=20, what="the inbound listener")
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=inbound) as smtp:
+            await smtp.sendmail(
+                "sam@example.org", [found.group(1).decode()], b"Subject: unsubscribe\r\n\r\n"
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert f"inbound mail for bounces.test on 127.0.0.1:{inbound}".encode() in out
+    assert b"inbound.message" in err and b"unsubscribe:unsubscribed" in err
+    assert b"Traceback" not in err
+    assert b"sam@example.org" not in err and found.group(1) not in err  # no addresses or tokens
+    shown = await run_mailer(tmp_path, env, "subscriber", "show", "sam@example.org", "--json")
+    assert json.loads(shown)["suppression"] == "unsubscribed"
+
+
+async def test_mailer_inbound_runs_the_listener_alone(tmp_path: Path, env: dict[str, str]) -> None:
+    """`mailer inbound` receives only for the bounce domain and stops cleanly on SIGTERM."""
+    inbound = free_port()
+    env = {**env, "MAILER_INBOUND_PORT": str(inbound), "MAILER_FROM": "news@example.net"}
+    await run_mailer(tmp_path, env, "init")
+    proc = await asyncio.create_subprocess_exec(
+        *MAILER, "inbound", cwd=tmp_path, env=env, stdout=PIPE, stderr=PIPE
+    )
+    try:
+        await wait_until(lambda: smtp_ready(inbound), timeout=20, what="the inbound listener")
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=inbound) as smtp:
+            await smtp.mail("")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as relay:
+                await smtp.rcpt("someone@example.org")
+            assert relay.value.code == 550
+            assert (await smtp.rcpt("fbl@example.net")).code == 250
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert f"inbound mail for example.net on 127.0.0.1:{inbound}".encode() in out
+    assert b"Traceback" not in err

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailer.domain.tokens import CONFIRM_MAX_AGE_SECONDS, LinkClaim, TokenCodec
+from mailer.domain.tokens import (
+    CONFIRM_MAX_AGE_SECONDS,
+    LinkClaim,
+    RowPurpose,
+    RowTokens,
+    TokenCodec,
+)
 from mailer.errors import BadToken
 
 HEX = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
@@ -110,3 +116,83 @@ def test_needs_a_key() -> None:
     """A codec without keys cannot be built."""
     with pytest.raises(ValueError, match="key"):
         TokenCodec([], clock=lambda: NOW)
+
+
+# -- row tokens (VERP bounce and mailto unsubscribe addresses) --------------------------------
+
+ROW_IDS = st.integers(0, 16**16 - 1)
+LOCAL_PART_MAX = 64
+
+
+@settings(max_examples=300)
+@given(ROW_IDS, st.sampled_from(RowPurpose))
+def test_row_token_round_trip_in_any_case(row_id: int, purpose: RowPurpose) -> None:
+    """A row token names its row, fits a local part with its prefix, and survives case-folding."""
+    rows = RowTokens(["k1"])
+    token = rows.mint(purpose, row_id)
+    assert rows.read(purpose, token) == row_id
+    assert rows.read(purpose, token.upper()) == row_id
+    assert token == token.lower()
+    assert set(token) <= set(string.hexdigits.lower() + "-")
+    assert len(f"unsubscribe+{token}") <= LOCAL_PART_MAX
+
+
+@settings(max_examples=300)
+@given(ROW_IDS, st.data())
+def test_row_token_any_single_change_is_refused(row_id: int, data: st.DataObject) -> None:
+    """Changing, dropping or adding one character (other than its case) makes it invalid."""
+    rows = RowTokens(["k1"])
+    token = rows.mint(RowPurpose.BOUNCE, row_id)
+    i = data.draw(st.integers(0, len(token) - 1))
+    alphabet = string.ascii_letters + string.digits + "-_.+"
+    op = data.draw(st.sampled_from(["replace", "drop", "insert"]))
+    if op == "replace":
+        ch = data.draw(st.sampled_from(alphabet).filter(lambda x: x.lower() != token[i]))
+        mutated = token[:i] + ch + token[i + 1 :]
+    elif op == "drop":
+        mutated = token[:i] + token[i + 1 :]
+    else:
+        mutated = token[:i] + data.draw(st.sampled_from(alphabet)) + token[i:]
+    with pytest.raises(BadToken):
+        rows.read(RowPurpose.BOUNCE, mutated)
+
+
+def test_row_token_of_another_row_or_purpose_is_refused() -> None:
+    """The MAC covers the row id and the purpose: no token can be moved to another row or use."""
+    rows = RowTokens(["k1"])
+    bounce = rows.mint(RowPurpose.BOUNCE, 41)
+    with pytest.raises(BadToken):
+        rows.read(RowPurpose.UNSUBSCRIBE, bounce)
+    ident, _, mac = bounce.partition("-")
+    assert ident == "29"  # 41 in hex
+    with pytest.raises(BadToken):
+        rows.read(RowPurpose.BOUNCE, f"2a-{mac}")
+    with pytest.raises(BadToken):  # the MAC covers the spelling: no second name for a row
+        rows.read(RowPurpose.BOUNCE, f"029-{mac}")
+
+
+def test_row_tokens_first_key_signs_all_keys_verify() -> None:
+    """Rotation as for links: ``new,old`` reads tokens minted under ``old``; ``new`` signs."""
+    old, new = RowTokens(["old"]), RowTokens(["new", "old"])
+    minted_before = old.mint(RowPurpose.UNSUBSCRIBE, 7)
+    assert new.read(RowPurpose.UNSUBSCRIBE, minted_before) == 7
+    minted_now = new.mint(RowPurpose.UNSUBSCRIBE, 7)
+    assert RowTokens(["new"]).read(RowPurpose.UNSUBSCRIBE, minted_now) == 7
+    with pytest.raises(BadToken):
+        old.read(RowPurpose.UNSUBSCRIBE, minted_now)
+    with pytest.raises(BadToken):
+        RowTokens(["other"]).read(RowPurpose.UNSUBSCRIBE, minted_before)
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=100))
+def test_row_token_garbage_raises_only_bad_token(text: str) -> None:
+    rows = RowTokens(["k1"])
+    for purpose in RowPurpose:
+        with pytest.raises(BadToken):
+            rows.read(purpose, text)
+
+
+def test_row_tokens_need_a_key() -> None:
+    with pytest.raises(ValueError, match="key"):
+        RowTokens([])

@@ -7,15 +7,11 @@ from typing import Annotated
 
 import typer
 
+from mailer.domain.dns_advice import dkim_record
 from mailer.errors import Conflict, InvalidInput
 from mailer.transport.dkim import key_from_pem, new_private_key
 
 app = typer.Typer(help="DKIM signing keys.", no_args_is_help=True)
-
-
-def _txt(value: str) -> str:
-    """A TXT value as zone-file strings of at most 255 characters each."""
-    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
 
 
 @app.command("keygen")
@@ -47,8 +43,7 @@ def keygen(
         raise Conflict(f"{path} exists; choose another --out or selector") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    name = f"{selector}._domainkey.{domain or 'DOMAIN'}"
-    sys.stdout.write(f"{name} IN TXT {_txt(record)}\n")
+    sys.stdout.write(dkim_record(selector, domain or "DOMAIN", record).zone_line() + "\n")
     sys.stderr.write(
         f"wrote {path} (mode 600). Publish the record above, then set "
         f"MAILER_DKIM_SELECTOR={selector} MAILER_DKIM_KEY_FILE={path}"

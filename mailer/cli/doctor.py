@@ -16,6 +16,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from sqlalchemy import Connection, select
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.cli.output import AsJson, console, print_json
 from mailer.config import Settings, load_settings
+from mailer.domain.dns_advice import DnsRecord
+from mailer.domain.inbound import InboundAddresses
 from mailer.domain.ledger import Evidence
+from mailer.domain.tokens import RowTokens
 from mailer.errors import ConfigError, MailerError, NotFound
 from mailer.services import doctor as checks
 from mailer.services.doctor import Check, Expected, Status
@@ -40,6 +44,7 @@ from mailer.services.setup import initialise
 from mailer.statuses import Channel, OutboxStatus
 from mailer.store.db import open_database
 from mailer.store.tables import outbox
+from mailer.transport.dns import lookup_txt
 from mailer.web.app import create_app
 
 ADDRESS = "mailer-doctor@example.org"
@@ -59,10 +64,13 @@ class _Kept:
 
     def __init__(self) -> None:
         self.messages: list[bytes] = []
+        self.senders: list[str] = []
+        """The envelope sender (MAIL FROM) of each message, in the same order."""
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or envelope.content
         raw = content if isinstance(content, bytes) else str(content).encode("utf-8")
+        self.senders.append(str(envelope.mail_from))
         self.messages.append(raw)
         return "250 2.0.0 kept by mailer doctor"
 
@@ -176,7 +184,8 @@ class Walk:
             self.add(name, Status.FAIL, f"not delivered to the private sink: {detail}")
             return None
         self.captured[kind] = raw
-        self.rows.append(checks.message(kind, raw, self.expected))
+        sender = self.kept.senders[self._seen - 1]
+        self.rows.append(checks.message(kind, raw, self.expected, sender))
         return raw
 
     def confirm_link(self, raw: bytes) -> str | None:
@@ -326,6 +335,13 @@ class Walk:
         self.add(name, Status.PASS, f"200, no redirect or cookie; unsubscribed {scope}")
 
 
+def inbound_addresses(live: Settings, keys: list[str]) -> InboundAddresses | None:
+    """What the messages must carry when inbound mail is on (read with the live keys)."""
+    if not live.inbound_enabled:
+        return None
+    return InboundAddresses(RowTokens(keys), live.inbound_domain)
+
+
 def _describe(exc: Exception) -> str:
     return exc.message if isinstance(exc, MailerError) else f"{type(exc).__name__}: {exc}"
 
@@ -351,7 +367,10 @@ async def self_test(
                     await web.TCPSite(runner, "127.0.0.1", 0).start()
                     port = runner.addresses[0][1]
                     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-                        walk = Walk(mailer, kept, http, Expected(live.base_url, ADDRESS, live))
+                        expected = Expected(
+                            live.base_url, ADDRESS, live, inbound_addresses(live, keys)
+                        )
+                        walk = Walk(mailer, kept, http, expected)
                         try:
                             token = await walk.run(layouts, announce)
                         except Exception as exc:  # a step broke: keep the rows so far
@@ -362,12 +381,12 @@ async def self_test(
     return walk.rows, walk.captured, token
 
 
-async def examine(environ: Mapping[str, str]) -> list[Check]:
-    """Every check, in the order of the report."""
+async def examine(environ: Mapping[str, str]) -> tuple[list[Check], list[DnsRecord]]:
+    """Every check, in the order of the report, and the DNS records to publish."""
     try:
         settings = load_settings(environ)
     except ConfigError as exc:
-        return [Check("configuration", Status.FAIL, exc.message)]
+        return [Check("configuration", Status.FAIL, exc.message)], []
     rows = [
         checks.configuration(settings, environ),
         checks.organisation(settings),
@@ -388,7 +407,9 @@ async def examine(environ: Mapping[str, str]) -> list[Check]:
     rows.append(checks.signing(keys, token if keys else None))
     rows += later + walked
     rows.append(checks.dkim(settings, captured))
-    return rows
+    if checks.dkim_configured(settings):
+        rows.append(await checks.dkim_dns(settings, lookup_txt))
+    return rows, checks.dns_records(settings)
 
 
 @contextlib.contextmanager
@@ -408,7 +429,7 @@ def _quiet() -> Iterator[None]:
             log.disabled = was
 
 
-def print_report(rows: list[Check]) -> None:
+def print_report(rows: list[Check], records: list[DnsRecord]) -> None:
     table = Table(title="mailer doctor", title_justify="left")
     table.add_column("check", no_wrap=True)
     table.add_column("result", no_wrap=True)
@@ -418,6 +439,11 @@ def print_report(rows: list[Check]) -> None:
             Text(row.name), Text(row.status.value, style=STYLE[row.status]), Text(row.detail)
         )
     console.print(table)
+    if records:
+        console.print(Text("DNS records to publish", style="bold"))
+        for record in records:
+            console.print(Text(record.zone_line()))
+            console.print(Text(f"  ; {record.note}", style="dim"))
     counts = {s: sum(1 for r in rows if r.status is s) for s in Status}
     summary = ", ".join(f"{n} {s.value}" for s, n in counts.items() if n)
     verdict = "all checks passed" if checks.passed(rows) else "FAILED"
@@ -425,13 +451,20 @@ def print_report(rows: list[Check]) -> None:
 
 
 def doctor(as_json: AsJson = False) -> None:
-    """Compliance self-test: render each kind of message to a private sink and check it."""
+    """Compliance self-test: render each kind of message to a private sink and check it;
+    print the DNS records (DKIM, SPF, DMARC) to publish."""
     with _quiet():
-        rows = asyncio.run(examine(os.environ))
+        rows, records = asyncio.run(examine(os.environ))
     ok = checks.passed(rows)
     if as_json:
-        print_json({"ok": ok, "checks": [row.as_json() for row in rows]})
+        print_json(
+            {
+                "ok": ok,
+                "checks": [row.as_json() for row in rows],
+                "dns_records": [asdict(record) for record in records],
+            }
+        )
     else:
-        print_report(rows)
+        print_report(rows, records)
     if not ok:
         raise typer.Exit(1)

@@ -32,6 +32,7 @@ app = typer.Typer(
 app.command("init")(server.init)
 app.command("serve")(server.serve)
 app.command("worker")(server.worker)
+app.command("inbound")(server.inbound)
 app.add_typer(server.db_app, name="db")
 app.command("doctor")(doctor.doctor)
 app.add_typer(lists.app, name="list")

@@ -1,4 +1,4 @@
-"""``mailer init``, ``mailer db upgrade``, ``mailer serve`` and ``mailer worker``."""
+"""``mailer init``, ``db upgrade``, ``serve``, ``worker`` and ``inbound``: set-up and services."""
 
 import asyncio
 import contextlib
@@ -10,9 +10,10 @@ from typing import Annotated, Any
 import typer
 from aiohttp import web
 
-from mailer.bootstrap import open_mailer
+from mailer.bootstrap import Mailer, open_mailer
 from mailer.cli.output import say
 from mailer.config import Settings, load_settings
+from mailer.errors import ConfigError
 from mailer.services.setup import initialise
 from mailer.store import migrate
 from mailer.store.db import open_database
@@ -36,6 +37,7 @@ def _logging() -> None:
     logging.getLogger("aiosmtpd").setLevel(logging.WARNING)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)  # mailer.inbound logs its errors
 
 
 async def _until_signal() -> None:
@@ -85,8 +87,16 @@ def upgrade() -> None:
     asyncio.run(go())
 
 
+def _say_listening(mailer: Mailer) -> None:
+    if mailer.listener is not None:
+        say(
+            f"inbound mail for {mailer.settings.inbound_domain} on "
+            f"{mailer.listener.host}:{mailer.listener.port}"
+        )
+
+
 async def _serve(settings: Settings, host: str, port: int, worker: bool) -> None:
-    async with open_mailer(settings, sending=worker) as mailer:
+    async with open_mailer(settings, sending=worker, listening=True) as mailer:
         runner = web.AppRunner(create_app(mailer), access_log_class=RedactingAccessLogger)
         await runner.setup()
         try:
@@ -95,6 +105,7 @@ async def _serve(settings: Settings, host: str, port: int, worker: bool) -> None
             say(f"mailer serving on {where}" + ("" if worker else " (no worker)"))
             if mailer.capture is not None:
                 say(f"no SMTP relay set: mail is captured in {mailer.capture.path}/")
+            _say_listening(mailer)
             await _until_signal()
         finally:
             await runner.cleanup()
@@ -129,3 +140,19 @@ def worker() -> None:
     _logging()
     with contextlib.suppress(KeyboardInterrupt):
         _run_service(_work(settings))
+
+
+async def _listen(settings: Settings) -> None:
+    async with open_mailer(settings, listening=True) as mailer:
+        _say_listening(mailer)
+        await _until_signal()
+
+
+def inbound() -> None:
+    """Run the inbound SMTP listener only: bounces, complaints and mailto unsubscribes."""
+    settings = load_settings()
+    if not settings.inbound_enabled:
+        raise ConfigError("inbound mail is off: set MAILER_INBOUND_PORT to listen")
+    _logging()
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_service(_listen(settings))

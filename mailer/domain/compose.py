@@ -46,6 +46,8 @@ class Envelope:
     date: str
     """RFC 5322 date, e.g. from ``email.utils.format_datetime``."""
     smtputf8: bool = False
+    unsubscribe_mailto: str | None = None
+    """A ``mailto:`` URL offered after the https one when inbound mail is configured."""
 
 
 def check_stoppable(rendered: Rendered, unsubscribe_url: str) -> None:
@@ -69,11 +71,18 @@ def compose(envelope: Envelope, rendered: Rendered) -> bytes:
     msg["Date"] = envelope.date
     msg["Message-ID"] = envelope.message_id
     msg["List-Id"] = envelope.list_id
-    msg["List-Unsubscribe"] = f"<{envelope.unsubscribe_url}>"
+    msg["List-Unsubscribe"] = list_unsubscribe(envelope)
     msg["List-Unsubscribe-Post"] = ONE_CLICK
     msg.set_content(rendered.text, subtype="plain", cte=transfer_encoding(rendered.text))
     msg.add_alternative(rendered.html, subtype="html", cte=transfer_encoding(rendered.html))
     return msg.as_bytes(policy=_UTF8_POLICY if envelope.smtputf8 else _ASCII_POLICY)
+
+
+def list_unsubscribe(envelope: Envelope) -> str:
+    """The RFC 2369 value: the one-click https URL first (RFC 8058), then any ``mailto:``."""
+    if envelope.unsubscribe_mailto is None:
+        return f"<{envelope.unsubscribe_url}>"
+    return f"<{envelope.unsubscribe_url}>, <{envelope.unsubscribe_mailto}>"
 
 
 def transfer_encoding(body: str) -> str:

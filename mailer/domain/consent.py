@@ -13,6 +13,9 @@ REQUEST_LIFTABLE = frozenset({SuppressionReason.UNSUBSCRIBED, SuppressionReason.
 """Suppressions a person may lift themselves with a new confirmed opt-in."""
 
 
+_STRONGER_THAN_BOUNCE = frozenset({SuppressionReason.COMPLAINED, SuppressionReason.MANUAL})
+
+
 class SkipReason(StrEnum):
     NOT_CONFIRMED = "not-confirmed"
     UNSUBSCRIBED = "unsubscribed"
@@ -97,8 +100,12 @@ def next_suppression(current: str | None, new: SuppressionReason) -> Suppression
     cannot (bounced, complained, manual): an unsubscribe must not reopen a bounced address.
     An unsubscribe never replaces ``erased`` either: both block all mail, and an old link
     clicked after erasure must not start a new record about a person who asked to be forgotten.
+    A bounce never replaces a complaint or a staff decision: it says nothing about what the
+    person wants, and they do.
     """
     if current == new:
+        return None
+    if new == SuppressionReason.BOUNCED and current in _STRONGER_THAN_BOUNCE:
         return None
     if current == SuppressionReason.ERASED and new == SuppressionReason.UNSUBSCRIBED:
         return None

@@ -6,12 +6,14 @@ Running the private instance itself (a scratch database, sink and web server) is
 job, since it needs the composition root and the web app.
 """
 
+import asyncio
 import email
 import email.policy
 import html
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from enum import StrEnum
@@ -19,24 +21,47 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from dkim import DKIM, DKIMException
+from dkim.util import InvalidTagValueList, parse_tag_value
 from jinja2 import TemplateError
 from markupsafe import Markup
 from sqlalchemy.engine import make_url
 
 from mailer.config import DEFAULT_CONFIG_FILE, ENV_PREFIX, Settings
 from mailer.domain.compose import MAX_LINE, ONE_CLICK, check_stoppable
+from mailer.domain.dns_advice import (
+    DnsRecord,
+    dkim_record,
+    dmarc_advice,
+    domain_of,
+    same_dkim_key,
+    spf_advice,
+)
+from mailer.domain.inbound import BounceBox, InboundAddresses, UnsubscribeBox
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.errors import BadToken, MailerError
 from mailer.render import Renderer
 from mailer.services.setup import instance_secrets
 from mailer.store import migrate
 from mailer.store.db import open_database
+from mailer.transport.dkim import DkimKey, load_keys
+from mailer.transport.dns import DnsUnavailable
 
 EXAMPLE_BASE = "https://doctor.invalid"
 """Base URL of links in the render-only template check (nothing is fetched)."""
 SERVICE_TEMPLATES = frozenset({"base", "confirm"})
 """Email templates that are not campaign layouts."""
-DKIM_COVERS = ("from", "subject", "list-unsubscribe", "list-unsubscribe-post")
+DKIM_COVERS = (
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "list-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
+"""Headers every DKIM signature must cover, each listed once more than it occurs."""
 MIN_KEY_LENGTH = 32
 REQUIRED_ONCE = (
     "From",
@@ -308,42 +333,170 @@ def dkim_configured(settings: Settings) -> bool:
     return bool(settings.dkim_domain and settings.dkim_selector and settings.dkim_key_file)
 
 
-def dkim_problems(raw: bytes, settings: Settings) -> list[str]:
-    """What is wrong with the DKIM signature of a message when signing is configured."""
-    values = [v for n, v in raw_headers(raw) if n == "dkim-signature"]
-    if not values:
+def dkim_keys(settings: Settings) -> dict[str, DkimKey]:
+    """The configured signing keys by selector, read from their files."""
+    keys = load_keys(settings.dkim_key_file, settings.dkim_selector)
+    return {key.selector: key for key in keys}
+
+
+def dkim_problems(raw: bytes, settings: Settings, keys: Mapping[str, DkimKey]) -> list[str]:
+    """What is wrong with a message's DKIM signatures: one per configured key, by the configured
+    domain, covering and over-signing ``DKIM_COVERS``, and verifying (dkimpy) under the public
+    record computed from that key's file; no DNS is asked."""
+    domain = str(settings.dkim_domain).lower()
+    published = {
+        f"{selector}._domainkey.{domain}": key.public_record.encode()
+        for selector, key in keys.items()
+    }
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return published.get(name.decode("ascii", "replace").rstrip(".").lower(), b"")
+
+    try:
+        parsed = DKIM(raw)
+        signatures = [
+            parse_tag_value(v) for n, v in parsed.headers if n.lower() == b"dkim-signature"
+        ]
+    except (DKIMException, InvalidTagValueList) as exc:
+        return [f"the DKIM-Signature cannot be read: {exc}"]
+    if not signatures:
         return ["no DKIM-Signature"]
-    tags = {}
-    for part in values[0].decode("ascii", "replace").split(";"):
-        key, _, value = part.partition("=")
-        tags[key.strip()] = re.sub(r"\s+", "", value)
+    present = Counter(name for name, _ in raw_headers(raw))
     problems = []
-    if tags.get("d", "").lower() != str(settings.dkim_domain).lower():
-        problems.append(f"DKIM d={tags.get('d')} is not {settings.dkim_domain}")
-    if tags.get("s") not in settings.dkim_selector:
-        problems.append(f"DKIM s={tags.get('s')} is not {settings.dkim_selector}")
-    covered = {h.lower() for h in tags.get("h", "").split(":")}
-    missing = [h for h in DKIM_COVERS if h not in covered]
-    if missing:
-        problems.append("DKIM does not cover " + ", ".join(missing))
+    for i, sig in enumerate(signatures):
+        selector = sig.get(b"s", b"").decode("ascii", "replace")
+        label = f"DKIM s={selector}"
+        if sig.get(b"d", b"").decode("ascii", "replace").lower() != domain:
+            problems.append(f"{label}: d={sig.get(b'd', b'').decode()} is not {domain}")
+        listed = Counter(h.strip().lower() for h in sig.get(b"h", b"").decode().split(":"))
+        missing = [h for h in DKIM_COVERS if listed[h] == 0]
+        if missing:
+            problems.append(f"{label}: h= does not cover " + ", ".join(missing))
+        under = [h for h in DKIM_COVERS if 0 < listed[h] <= present[h]]
+        if under:
+            problems.append(
+                f"{label}: h= does not over-sign " + ", ".join(under) + " (a copy could be "
+                "added after signing)"
+            )
+        if selector not in keys:
+            problems.append(f"{label}: not a configured selector ({', '.join(keys)})")
+            continue
+        try:
+            verified = parsed.verify(idx=i, dnsfunc=dnsfunc)
+        except DKIMException as exc:
+            verified, why = False, f": {exc}"
+        else:
+            why = ""
+        if not verified:
+            problems.append(f"{label}: does not verify with the public key of its key file{why}")
+    signed = {sig.get(b"s", b"").decode("ascii", "replace") for sig in signatures}
+    unsigned = [s for s in keys if s not in signed]
+    if unsigned:
+        problems.append("no DKIM signature for selector " + ", ".join(unsigned))
     return problems
 
 
 def dkim(settings: Settings, messages: Mapping[str, bytes]) -> Check:
+    """Each captured message is signed once per key, and each signature verifies and covers
+    ``DKIM_COVERS`` (over-signed)."""
     if not dkim_configured(settings):
         return Check(
             "DKIM",
             Status.SKIP,
             "not configured: mailer does not sign; have your relay sign with DKIM",
         )
-    problems = [
-        f"{kind}: {p}" for kind, raw in messages.items() for p in dkim_problems(raw, settings)
-    ]
     if not messages:
         return Check("DKIM", Status.SKIP, "no message was captured to check")
+    try:
+        keys = dkim_keys(settings)
+    except (OSError, ValueError, MailerError) as exc:
+        return Check("DKIM", Status.FAIL, f"cannot read the DKIM keys: {_describe(exc)}")
+    problems = [
+        f"{kind}: {p}" for kind, raw in messages.items() for p in dkim_problems(raw, settings, keys)
+    ]
     if problems:
         return Check("DKIM", Status.FAIL, "; ".join(problems))
-    return Check("DKIM", Status.PASS, "signature covers " + ", ".join(DKIM_COVERS))
+    return Check(
+        "DKIM",
+        Status.PASS,
+        f"every message is signed by s={', s='.join(keys)} (d={settings.dkim_domain}) and "
+        "verifies with the key file's public key; h= covers and over-signs "
+        + ", ".join(DKIM_COVERS),
+    )
+
+
+TxtLookup = Callable[[str], Awaitable[str | None]]
+"""A TXT look-up: the record at a name, ``None`` if there is none, ``DnsUnavailable`` if the
+question cannot be answered (``mailer.transport.dns.lookup_txt``; tests pass a stub)."""
+
+
+async def dkim_dns(settings: Settings, lookup: TxtLookup) -> Check:
+    """Whether the DKIM records are published and carry the keys mailer signs with.
+
+    Only for a configuration that signs. DNS that cannot be reached is not a failure
+    (``skip``): the records are printed anyway.
+    """
+    name = "DKIM DNS records"
+    try:
+        keys = dkim_keys(settings)
+    except (OSError, ValueError, MailerError) as exc:
+        return Check(name, Status.FAIL, f"cannot read the DKIM keys: {_describe(exc)}")
+    records = [
+        dkim_record(k.selector, str(settings.dkim_domain), k.public_record) for k in keys.values()
+    ]
+    answers = await asyncio.gather(*(lookup(r.name) for r in records), return_exceptions=True)
+    wrong, missing, unknown, good = [], [], [], []
+    for record, found in zip(records, answers, strict=True):
+        if isinstance(found, DnsUnavailable):
+            unknown.append(f"{record.name} ({found})")
+        elif isinstance(found, BaseException):
+            raise found
+        elif found is None:
+            missing.append(record.name)
+        elif same_dkim_key(found, record.value):
+            good.append(record.name)
+        else:
+            wrong.append(record.name)
+    if wrong:
+        return Check(
+            name,
+            Status.FAIL,
+            f"another key than the key file's is published at {', '.join(wrong)}: receivers "
+            "will fail every signature; publish the record printed below",
+        )
+    if missing:
+        return Check(
+            name,
+            Status.WARN,
+            f"not published yet: {', '.join(missing)}; publish the record printed below",
+        )
+    if unknown:
+        return Check(
+            name,
+            Status.SKIP,
+            f"could not look up {', '.join(unknown)}; check that it holds the record below",
+        )
+    return Check(name, Status.PASS, f"{', '.join(good)}: published, the key files' own keys")
+
+
+def dns_records(settings: Settings) -> list[DnsRecord]:
+    """What to publish: the DKIM record per selector (exact), SPF and DMARC (advice)."""
+    records = []
+    if dkim_configured(settings):
+        try:
+            keys = dkim_keys(settings)
+        except (OSError, ValueError, MailerError):
+            keys = {}  # the DKIM rows report it
+        domain = str(settings.dkim_domain)
+        records += [dkim_record(k.selector, domain, k.public_record) for k in keys.values()]
+    from_domain = domain_of(settings.from_addr)
+    records.append(spf_advice(from_domain, settings.smtp_host))
+    records.append(dmarc_advice(from_domain, settings.dkim_domain))
+    return records
+
+
+def _describe(exc: Exception) -> str:
+    return exc.message if isinstance(exc, MailerError) else str(exc)
 
 
 # -- templates -------------------------------------------------------------------------------
@@ -431,6 +584,9 @@ class Expected:
     base_url: str
     to_addr: str
     settings: Settings
+    inbound: InboundAddresses | None = None
+    """Set when inbound mail is on: every message must then offer a ``mailto:`` unsubscribe
+    address and leave with a VERP envelope sender, both naming its outbox row."""
 
 
 def raw_headers(raw: bytes) -> list[tuple[str, bytes]]:
@@ -523,14 +679,48 @@ def message_problems(raw: bytes, expected: Expected) -> list[str]:
     return problems
 
 
-def message(kind: str, raw: bytes, expected: Expected) -> Check:
+def inbound_problems(raw: bytes, sender: str, inbound: InboundAddresses) -> list[str]:
+    """The ``mailto:`` entry after the https URL and the VERP envelope sender, both genuine
+    and naming the same message."""
+    entries = [
+        entry.decode("ascii", "replace")
+        for name, value in raw_headers(raw)
+        if name == "list-unsubscribe"
+        for entry in _UNSUBSCRIBE_ENTRY.findall(value)
+    ]
+    mailtos = [e for e in entries if e.startswith("mailto:")]
+    bounce = inbound.resolve(sender)
+    problems = []
+    if not isinstance(bounce, BounceBox):
+        problems.append(f"the envelope sender is not a genuine bounces+TOKEN@{inbound.domain}")
+    if not mailtos:
+        return [*problems, "List-Unsubscribe offers no mailto: address"]
+    if entries[0].startswith("mailto:"):
+        problems.append("List-Unsubscribe lists the mailto: address before the https URL")
+    address, _, query = mailtos[0].removeprefix("mailto:").partition("?")
+    box = inbound.resolve(address)
+    if not isinstance(box, UnsubscribeBox) or query != "subject=unsubscribe":
+        problems.append(
+            f"the mailto: entry is not a genuine unsubscribe+TOKEN@{inbound.domain}"
+            "?subject=unsubscribe"
+        )
+    elif isinstance(bounce, BounceBox) and bounce.outbox_id != box.outbox_id:
+        problems.append("the mailto: address and the envelope sender name different messages")
+    return problems
+
+
+def message(kind: str, raw: bytes, expected: Expected, sender: str) -> Check:
+    """The message check of one kind, on the bytes and envelope sender the sink received."""
     problems = message_problems(raw, expected)
+    if expected.inbound is not None:
+        problems += inbound_problems(raw, sender, expected.inbound)
     name = f"message: {kind}"
     if problems:
         return Check(name, Status.FAIL, "; ".join(problems))
+    inbound = "" if expected.inbound is None else " + mailto: (and a VERP envelope sender)"
     return Check(
         name,
         Status.PASS,
-        "List-Unsubscribe (https? URL) + One-Click, List-Id, Message-ID, Date, From, To; "
-        "text and HTML show the link, organisation, address and privacy contact",
+        f"List-Unsubscribe (https? URL){inbound} + One-Click, List-Id, Message-ID, Date, From, "
+        "To; text and HTML show the link, organisation, address and privacy contact",
     )

@@ -8,6 +8,7 @@ from email.utils import format_datetime
 from markupsafe import Markup
 
 from mailer.domain.compose import Envelope, Rendered, compose, list_id_header
+from mailer.domain.inbound import InboundAddresses
 from mailer.domain.skeleton import Skeleton, placeholder
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.render import Renderer
@@ -33,6 +34,7 @@ class Built:
     data: bytes
     smtputf8: bool
     sender: str
+    """The envelope sender (MAIL FROM): the VERP bounce address when inbound mail is on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +45,36 @@ class _Prepared:
 
 
 class MessageFactory:
-    """Turns claimed outbox rows into wire bytes. Campaign layouts are rendered once."""
+    """Turns claimed outbox rows into wire bytes. Campaign layouts are rendered once.
+
+    With ``inbound`` (inbound mail configured), each message gets its own VERP envelope
+    sender and a ``mailto:`` unsubscribe address, both naming its outbox row.
+    """
 
     def __init__(
-        self, renderer: Renderer, codec: TokenCodec, clock: Clock, config: MessageConfig
+        self,
+        renderer: Renderer,
+        codec: TokenCodec,
+        clock: Clock,
+        config: MessageConfig,
+        inbound: InboundAddresses | None = None,
     ) -> None:
         self._renderer = renderer
         self._codec = codec
         self._clock = clock
         self._config = config
+        self._inbound = inbound
         self._prepared: OrderedDict[tuple[object, ...], _Prepared] = OrderedDict()
 
     def unsubscribe_url(self, subject_hash: str, list_uid: str | None) -> str:
         token = self._codec.unsubscribe_token(LinkClaim(subject_hash, list_uid))
         return f"{self._config.base_url}/unsubscribe/{token}"
+
+    def _envelope_sender(self, m: Claimed, from_addr: str) -> str:
+        return from_addr if self._inbound is None else self._inbound.bounce(m.outbox_id)
+
+    def _mailto(self, m: Claimed) -> str | None:
+        return None if self._inbound is None else self._inbound.unsubscribe_mailto(m.outbox_id)
 
     def _message_id_left(self, m: Claimed) -> str:
         """Stable per outbox row (a retry keeps it); each preview copy gets a new one."""
@@ -78,6 +96,7 @@ class MessageFactory:
             message_id=f"<{self._message_id_left(m)}@{domain}>",
             date=format_datetime(self._clock.now()),
             smtputf8=not (m.email.isascii() and sender.isascii()),
+            unsubscribe_mailto=self._mailto(m),
         )
 
     def confirm(self, m: Claimed) -> Built:
@@ -93,13 +112,16 @@ class MessageFactory:
             {"list_name": list_name, "confirm_url": confirm_url, "unsubscribe_url": unsubscribe},
         )
         envelope = self._envelope(m, sender, list_name, m.list_slug or "mail", unsubscribe)
-        return Built(compose(envelope, rendered), envelope.smtputf8, sender)
+        return Built(
+            compose(envelope, rendered), envelope.smtputf8, self._envelope_sender(m, sender)
+        )
 
     def campaign(self, m: Claimed, campaign: CampaignRow) -> Built:
         """One recipient's copy of a campaign (or its preview), filled into the skeleton."""
         prepared = self._prepare(campaign)
         unsubscribe = self.unsubscribe_url(m.email_hash, campaign.list_uid)
         smtputf8 = not (m.email.isascii() and prepared.sender.isascii())
+        envelope_sender = self._envelope_sender(m, prepared.sender)
         if prepared.skeleton is not None:
             values = {
                 "to": m.email.encode("utf-8"),
@@ -107,12 +129,15 @@ class MessageFactory:
                 "date": format_datetime(self._clock.now()).encode("ascii"),
                 "unsub": unsubscribe.encode("ascii"),
             }
+            mailto = self._mailto(m)
+            if mailto is not None:
+                values["mailto"] = mailto.encode("ascii")
             if prepared.skeleton.fits(values):
-                return Built(prepared.skeleton.fill(values), smtputf8, prepared.sender)
+                return Built(prepared.skeleton.fill(values), smtputf8, envelope_sender)
         rendered = self._render_campaign(campaign, unsubscribe)
         name, slug = self._identity(campaign)
         envelope = self._envelope(m, prepared.sender, name, slug, unsubscribe)
-        return Built(compose(envelope, rendered), envelope.smtputf8, prepared.sender)
+        return Built(compose(envelope, rendered), envelope.smtputf8, envelope_sender)
 
     def _identity(self, campaign: CampaignRow) -> tuple[str, str]:
         """Display name and List-Id label: the list's, or the organisation's for announcements."""
@@ -154,6 +179,8 @@ class MessageFactory:
             "date": DATE_SENTINEL,
             "unsub": placeholder("unsub", length),
         }
+        if self._inbound is not None:
+            slots["mailto"] = placeholder("mailto", 32)  # a header slot: any length fits
         rendered = self._render_campaign(campaign, slots["unsub"])
         name, slug = self._identity(campaign)
         envelope = Envelope(
@@ -165,6 +192,7 @@ class MessageFactory:
             message_id=f"<{slots['mid']}@{domain}>",
             date=DATE_SENTINEL,
             smtputf8=not sender.isascii(),
+            unsubscribe_mailto=slots.get("mailto"),
         )
         prototype = compose(envelope, rendered)
         if prototype.count(DATE_SENTINEL.encode("ascii")) != 1:

@@ -29,6 +29,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.feedback = Counter(
+            "mailer_feedback",
+            "Bounce and complaint reports by kind and what they did",
+            ["kind", "applied"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "mailer_api_rate_limited", "API requests refused with 429", registry=r
         )

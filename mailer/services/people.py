@@ -15,7 +15,7 @@ from mailer.services.erasure import AddressMatcher, scrub_maildir
 from mailer.services.ports import Clock
 from mailer.services.subscriptions import Subscriptions
 from mailer.statuses import SuppressionReason
-from mailer.store import ledger, people, suppression
+from mailer.store import feedback, ledger, people, suppression
 from mailer.store.db import Database
 from mailer.store.people import SubscriberRow, SubscriptionRow
 from mailer.store.suppression import SuppressionRow
@@ -189,6 +189,7 @@ class People:
                 and (before == SuppressionReason.ERASED or _was_erased(conn, subject))
             )
             ledger.blank_evidence(conn, subject)
+            feedback.forget_soft_bounces(conn, subject)
             suppression.put(conn, subject, SuppressionReason.ERASED, now)
             kept = suppression.reason_for(conn, subject) or SuppressionReason.ERASED.value
             ledger.append(conn, event="erased", subject_hash=subject, evidence=evidence, now=now)
@@ -274,6 +275,9 @@ def _export_json(
                 "created_at": _iso(d.created_at),
                 "updated_at": _iso(d.updated_at),
                 "checked_at": _iso(d.checked_at),
+                "feedback": d.feedback,
+                "feedback_detail": d.feedback_detail,
+                "feedback_at": _iso(d.feedback_at),
             }
             for d in deliveries
         ],

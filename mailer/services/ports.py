@@ -33,11 +33,16 @@ class MailTransport(Protocol):
 
 
 class Signer(Protocol):
-    def sign(self, data: bytes) -> bytes:
+    async def sign(self, data: bytes) -> bytes:
         """The message with its signature header(s) prepended."""
         ...
 
+    def close(self) -> None: ...
+
 
 class NoSigner:
-    def sign(self, data: bytes) -> bytes:
+    async def sign(self, data: bytes) -> bytes:
         return data
+
+    def close(self) -> None:
+        pass

@@ -187,19 +187,29 @@ class Sender:
         return 0.0
 
     async def send_one(self) -> bool:
-        """Hand off one due message (or settle it without sending); False when none was due."""
+        """Hand off one due message (or settle it without sending); False when none was due.
+
+        The message is built and signed first, so that nothing but the consent check stands
+        between that check and the hand-off.
+        """
         async with self._transport.connection() as conn:
             message = await self._next()
             if message is None:
                 return False
             if self._throttle is not None:
                 self._throttle.spend()
+            ready = await self._prepare(message)
             checked = self._clock.monotonic()
             verdict = await self._check(message, checked)
-            if isinstance(verdict, Go):
-                await self._deliver(conn, message, checked, self._clock.now(), verdict.deadline)
-            elif verdict is not None:
-                self.recorder.add(verdict)
+            if not isinstance(verdict, Go):
+                if verdict is not None:
+                    self.recorder.add(verdict)
+                return True
+            if isinstance(ready, str):  # could not be built: nothing has left the machine
+                self._finish(message, self._clock.now(), OutboxStatus.FAILED, ready)
+                return True
+            now = self._clock.now()
+            await self._deliver(conn, message, ready, checked, now, verdict.deadline)
         return True
 
     async def release(self) -> None:
@@ -291,10 +301,38 @@ class Sender:
             self._campaigns[message.campaign_id] = campaign
         return self._factory.campaign(message, campaign)
 
+    async def _prepare(self, message: Claimed) -> tuple[Built, bytes] | str:
+        """The message and its signed bytes; or, when it cannot be built, the failure reason."""
+        try:
+            built = await self._build(message)
+            return built, await self._signer.sign(built.data)
+        except MissingUnsubscribe as exc:
+            return f"not sent: {exc.message}"
+        except Exception as exc:  # a bug or a broken template: nothing has left the machine
+            log.exception("outbox.build_failed outbox_id=%d", message.outbox_id)
+            detail = exc.message if isinstance(exc, MailerError) else type(exc).__name__
+            return f"not sent: the message could not be built ({detail})"
+
+    def _finish(
+        self,
+        message: Claimed,
+        checked_at: datetime,
+        status: OutboxStatus,
+        reason: str | None,
+        bounced: str | None = None,
+    ) -> None:
+        self.recorder.add(
+            Outcome(
+                message.outbox_id, message.fence, status, reason, None, True, bounced, checked_at
+            )
+        )
+        self._metrics.messages.labels(message.kind.value, status.value).inc()
+
     async def _deliver(
         self,
         conn: MailConnection,
         message: Claimed,
+        ready: tuple[Built, bytes],
         checked: float,
         checked_at: datetime,
         deadline: float,
@@ -302,20 +340,9 @@ class Sender:
         oid, fence = message.outbox_id, message.fence
 
         def done(status: OutboxStatus, reason: str | None, bounced: str | None = None) -> None:
-            self.recorder.add(Outcome(oid, fence, status, reason, None, True, bounced, checked_at))
-            self._metrics.messages.labels(message.kind.value, status.value).inc()
+            self._finish(message, checked_at, status, reason, bounced)
 
-        try:
-            built = await self._build(message)
-            data = self._signer.sign(built.data)
-        except MissingUnsubscribe as exc:
-            done(OutboxStatus.FAILED, f"not sent: {exc.message}")
-            return
-        except Exception as exc:  # a bug or a broken template: nothing has left the machine
-            log.exception("outbox.build_failed outbox_id=%d", message.outbox_id)
-            detail = exc.message if isinstance(exc, MailerError) else type(exc).__name__
-            done(OutboxStatus.FAILED, f"not sent: the message could not be built ({detail})")
-            return
+        built, data = ready
         if self._clock.monotonic() >= deadline:  # frozen or slow since the probe
             self.recorder.add(self._refuse(message, "hand-off"))
             return

@@ -15,7 +15,7 @@ from mailer.errors import BadToken, InvalidInput, NotFound
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock
 from mailer.statuses import MessageKind, SubscriptionStatus, SuppressionReason
-from mailer.store import ledger, lists, outbox, people, suppression
+from mailer.store import feedback, ledger, lists, outbox, people, suppression
 from mailer.store.db import Database
 from mailer.store.lists import ListRow
 
@@ -183,6 +183,20 @@ class Subscriptions:
         """Unsubscribe by address (API ``DELETE``, CLI): from one list, or from everything."""
         _, subject = self.identify(raw_email)
         return await self._unsubscribe(LinkClaim(subject, None), list_slug, evidence)
+
+    async def unsubscribe_delivery(self, outbox_id: int, evidence: Evidence) -> Unsubscribed | None:
+        """Unsubscribe the recipient of one message (a mail to its ``mailto:`` address).
+
+        The scope is the one its header one-click has: the list for list mail, everything for
+        confirmation requests and policy announcements. ``None`` when the message is gone
+        with its erased recipient (who is suppressed as ``erased`` already).
+        """
+        found = await self._db.read(feedback.delivery, outbox_id)
+        if found is None:
+            return None
+        list_scoped = found.kind in (MessageKind.CAMPAIGN, MessageKind.PREVIEW)
+        claim = LinkClaim(found.email_hash, found.list_uid if list_scoped else None)
+        return await self._unsubscribe(claim, None, evidence)
 
     async def _unsubscribe(
         self, claim: LinkClaim, list_slug: str | None, evidence: Evidence

@@ -151,6 +151,9 @@ class DeliveryRow:
     created_at: datetime
     updated_at: datetime
     checked_at: datetime | None
+    feedback: str | None
+    feedback_detail: str | None
+    feedback_at: datetime | None
 
 
 def deliveries_of(conn: Connection, subscriber_id: int) -> list[DeliveryRow]:
@@ -168,6 +171,9 @@ def deliveries_of(conn: Connection, subscriber_id: int) -> list[DeliveryRow]:
             outbox.c.created_at,
             outbox.c.updated_at,
             outbox.c.checked_at,
+            outbox.c.feedback,
+            outbox.c.feedback_detail,
+            outbox.c.feedback_at,
         )
         .select_from(outbox)
         .outerjoin(lists, lists.c.id == outbox.c.list_id)
@@ -175,7 +181,7 @@ def deliveries_of(conn: Connection, subscriber_id: int) -> list[DeliveryRow]:
         .where(outbox.c.subscriber_id == subscriber_id)
         .order_by(outbox.c.created_at, outbox.c.id)
     )
-    return [DeliveryRow(*r) for r in conn.execute(q)]
+    return [DeliveryRow(*tuple(r)) for r in conn.execute(q)]
 
 
 def count_deliveries(conn: Connection, subscriber_id: int) -> int:

@@ -17,9 +17,10 @@ from mailer.errors import (
     MailerError,
     NotFound,
     RateLimited,
+    TooLarge,
     Unauthorized,
 )
-from mailer.web import api, ops, public
+from mailer.web import api, ops, public, webhooks
 from mailer.web.context import LIMITER, MAILER
 
 log = logging.getLogger("mailer.web")
@@ -30,6 +31,7 @@ STATUS = {
     Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,
+    TooLarge: 413,
     InvalidAddress: 422,
     RateLimited: 429,
 }
@@ -106,6 +108,7 @@ def create_app(mailer: Mailer) -> web.Application:
     app[MAILER] = mailer
     app[LIMITER] = KeyedLimiter(mailer.settings.api_rate_per_minute)
     app.add_routes(api.routes)
+    app.add_routes(webhooks.routes)
     app.add_routes(public.routes)
     app.add_routes(ops.routes)
     return app
