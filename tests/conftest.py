@@ -210,12 +210,12 @@ def dkim_settings(
     return settings, {name: record for _, name, record in keys}
 
 
-async def send_every_kind(m: Mailer, db: Path, sink: SinkServer) -> dict[str, Captured]:
+async def send_every_kind(m: Mailer, sink: SinkServer) -> dict[str, Captured]:
     """A confirmation request, a campaign, a preview and a policy announcement, each sent
     through the real send path and captured at the sink."""
     list_id = (await m.lists.create("news", "Example News")).id
     await m.consent.request_opt_in("new@example.org", "news", None, STAFF)
-    seed_confirmed(m, db, list_id, ["reader@example.org"])
+    await seed_confirmed(m, list_id, ["reader@example.org"])
     kinds = ("confirm", "campaign", "preview", "announcement")
     await wait_until(lambda: len(sink.messages) == 1, 10, "the confirmation request")
     cid = await m.campaigns.create("news", "The November issue", "Hello *world*", "campaign")

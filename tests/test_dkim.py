@@ -67,7 +67,7 @@ async def test_every_kind_of_message_is_signed_and_verifies(
     publish(records)
     await init_db(settings)
     async with open_mailer(settings, sending=True) as m:
-        sent = await send_every_kind(m, tmp_path / "mailer.db", sink)
+        sent = await send_every_kind(m, sink)
     expected_a = [b"rsa-sha256" if a == "rsa" else b"ed25519-sha256" for a in algorithms]
     for kind, captured in sent.items():
         raw = captured.raw
@@ -92,7 +92,7 @@ async def test_tampering_with_signed_headers_breaks_the_signature(
     publish(records)
     await init_db(settings)
     async with open_mailer(settings, sending=True) as m:
-        raw = (await send_every_kind(m, tmp_path / "mailer.db", sink))["campaign"].raw
+        raw = (await send_every_kind(m, sink))["campaign"].raw
     assert verifies(raw) == [True]
     changed = re.sub(rb"(List-Unsubscribe: <)https?://", rb"\1https://evil.example/", raw)
     assert changed != raw

@@ -37,7 +37,7 @@ async def test_every_kind_of_message_verifies_with_opendkim(
     settings, records = dkim_settings(tmp_path, sink, algorithms)
     await init_db(settings)
     async with open_mailer(settings, sending=True) as m:
-        sent = await send_every_kind(m, tmp_path / "mailer.db", sink)
+        sent = await send_every_kind(m, sink)
     assert list(sent) == ["confirm", "campaign", "preview", "announcement"]
     expected = sorted((f"{a}sel", ALGORITHM[a]) for a in algorithms)
     for kind, captured in sent.items():
