@@ -14,6 +14,7 @@ Nothing leaves 127.0.0.1. See bench/README.md for how to read the output.
     .venv/bin/python bench/send.py --recipients 100000
     .venv/bin/python bench/send.py --recipients 1000000 --fanout-only
     .venv/bin/python bench/send.py --recipients 100000 --profile /tmp/send.pyspy.txt
+    .venv/bin/python bench/send.py --database postgres --workers 1,2,4 --recipients 50000
 """
 
 import argparse
@@ -441,6 +442,11 @@ def start_serve(cwd: Path, env: dict[str, str], log_file: Path) -> subprocess.Po
         return subprocess.Popen([*MAILER, "serve"], cwd=cwd, env=env, stdout=log, stderr=log)
 
 
+def start_worker(cwd: Path, env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
+    with log_file.open("wb") as log:
+        return subprocess.Popen([*MAILER, "worker"], cwd=cwd, env=env, stdout=log, stderr=log)
+
+
 def start_profiler(pid: int, out: Path, rate: int) -> subprocess.Popen[bytes] | None:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
@@ -533,6 +539,8 @@ class Options:
     keep: bool
     dkim: str | None = None
     inbound: bool = False
+    workers: tuple[int, ...] = (1,)
+    postgres_url: str = ""
 
 
 async def run(o: Options) -> int:
@@ -888,7 +896,19 @@ def parse_args(argv: list[str]) -> Options:
         "--unsubscribe-rate", type=float, default=50.0, help="one-click POSTs per second"
     )
     p.add_argument("--fanout-only", action="store_true", help="measure only the fan-out")
-    p.add_argument("--database", choices=("sqlite",), default="sqlite")
+    p.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="postgres: comma-separated worker-process counts to measure, e.g. 1,2,4",
+    )
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "MAILER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+        ),
+        help="postgres: a database whose user may create databases (one fresh one per count)",
+    )
     p.add_argument(
         "--poll", type=float, default=None, help="MAILER_WORKER_POLL_SECONDS (default: unset)"
     )
@@ -927,14 +947,131 @@ def parse_args(argv: list[str]) -> Options:
         a.keep,
         a.dkim,
         a.inbound,
+        tuple(int(w) for w in a.workers.split(",")),
+        a.postgres_url,
     )
+
+
+# ------------------------------------------------------------------------ postgres --
+
+
+async def run_postgres(o: Options) -> int:
+    """Messages/s of one campaign sent by 1, 2, 4... ``mailer worker`` processes, each count
+    on a fresh PostgreSQL database, all against the same sink."""
+    import asyncpg  # only this mode needs it
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailer-pg-bench-"))
+    admin_dsn = o.postgres_url.replace("postgresql+asyncpg://", "postgresql://")
+    sink = start_sink(o.sink, tmp)
+    results: list[tuple[int, int, float, float]] = []
+    try:
+        for count in o.workers:
+            name = f"mailer_bench_{os.getpid()}_{count}"
+            admin = await asyncpg.connect(admin_dsn)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            try:
+                url = admin_dsn.rsplit("/", 1)[0] + "/" + name
+                results.append((count, *await _pg_round(o, tmp / name, url, sink, count)))
+            finally:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                await admin.close()
+    finally:
+        stop_process(sink.proc)
+        if not o.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    base = results[0][2] / results[0][0] if results and results[0][0] == 1 else None
+    print(f"\nRESULT  {o.recipients:,} recipients, {o.connections} connections per worker, "
+          f"sink {o.sink}, postgres")  # fmt: skip
+    print("workers  sent      messages/s  (first to last check)  vs one worker  CPU s/worker")
+    for count, sent, rate, cpu in results:
+        ratio = f"x{rate / base:.2f}" if base else ""
+        print(f"{count:>7}  {sent:>8,}  {rate:>10,.0f}  {'':>21}  {ratio:>13}  {cpu:>6.1f}")
+    print("targets (issue 6): two workers >= 1.6 x one; >= 4,000 msg/s with two workers")
+    print(f"code measured: {code_state()}")
+    return 0
+
+
+async def _pg_round(
+    o: Options, cwd: Path, url: str, sink: Sink, count: int
+) -> tuple[int, float, float]:
+    """One count: init, seed, N workers, send; return (sent, msgs/s, mean worker CPU s)."""
+    import asyncpg
+
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update(
+        MAILER_DATABASE_URL=url,
+        MAILER_SMTP_HOST="127.0.0.1",
+        MAILER_SMTP_PORT=str(sink.port),
+        MAILER_SMTP_CONNECTIONS=str(o.connections),
+    )
+    mailer_cli(cwd, env, "init")
+    env["MAILER_SECRET_KEYS"] = (cwd / "var" / "secret_keys").read_text().split()[0]
+    mailer_cli(cwd, env, "list", "create", "news", "--name", "News")
+    db = await asyncpg.connect(url)
+    try:
+        key = bytes.fromhex(
+            await db.fetchval("SELECT value FROM instance_setting WHERE name = 'address_hash_key'")
+        )
+        list_id = await db.fetchval("SELECT id FROM mailing_list WHERE slug = 'news'")
+        now = datetime.now(UTC)
+        ids = range(1, o.recipients + 1)
+        await db.copy_records_to_table(
+            "subscriber",
+            records=[(i, email_of(i), fast_hash(key, email_of(i)), None, now) for i in ids],
+            columns=["id", "email", "email_hash", "name", "created_at"],
+        )
+        await db.copy_records_to_table(
+            "subscription",
+            records=[(i, list_id, "confirmed", now, now, now) for i in ids],
+            columns=["subscriber_id", "list_id", "status", "created_at", "updated_at",
+                     "confirmed_at"],
+        )  # fmt: skip
+        await db.execute("SELECT setval('subscriber_id_seq', $1)", o.recipients)
+        (cwd / "november.md").write_text(BODY)
+        campaign_id = int(
+            mailer_cli(cwd, env, "campaign", "create", "--list", "news", "--subject", "Nov",
+                       "--body", "november.md").split()[-1]
+        )  # fmt: skip
+        workers = [start_worker(cwd, env, cwd / f"worker-{i}.log") for i in range(count)]
+        try:
+            await asyncio.sleep(2.0)  # let them start
+            mailer_cli(cwd, env, "campaign", "send", str(campaign_id))
+            started = time.perf_counter()
+            while await db.fetchval(
+                "SELECT status FROM campaign WHERE id = $1", campaign_id
+            ) not in ("sent", "cancelled"):
+                if time.perf_counter() - started > o.timeout:
+                    raise SystemExit("no finish within --timeout")
+                if any(w.poll() is not None for w in workers):
+                    raise SystemExit(f"a worker exited; see {cwd}/worker-*.log")
+                await asyncio.sleep(0.2)
+            cpu = sum(cpu_seconds(w.pid) for w in workers) / count
+        finally:
+            for w in workers:
+                stop_process(w)
+        sent, first, last = await db.fetchrow(
+            "SELECT count(*), min(checked_at), max(checked_at) FROM outbox "
+            "WHERE campaign_id = $1 AND status = 'sent'",
+            campaign_id,
+        )
+    finally:
+        await db.close()
+    window = (last - first).total_seconds() if sent else 0.0
+    rate = sent / window if window else 0.0
+    print(f"  {count} worker(s): {sent:,} sent, {rate:,.0f} msg/s", flush=True)
+    return int(sent), rate, cpu
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--_aiosmtpd-sink"]:
         run_aiosmtpd_sink(int(argv[1]), Path(argv[2]))
         return 0
-    return asyncio.run(run(parse_args(argv)))
+    options = parse_args(argv)
+    if options.database == "postgres":
+        return asyncio.run(run_postgres(options))
+    return asyncio.run(run(options))
 
 
 if __name__ == "__main__":

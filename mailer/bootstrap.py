@@ -1,5 +1,8 @@
 """The composition root: the one place that builds real adapters and wires the services."""
 
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from mailer.services.scheduling import Scheduler
 from mailer.services.sending import Sender, SendPolicy
 from mailer.services.setup import instance_secrets, secret_keys
 from mailer.services.subscriptions import Subscriptions
+from mailer.services.throttle import LocalThrottle, SharedThrottle, Throttle
 from mailer.store.db import Database, open_database
 from mailer.transport.capture import CaptureServer
 from mailer.transport.dkim import DkimSigner, load_keys
@@ -70,6 +74,19 @@ def _relay(settings: Settings, capture: CaptureServer | None) -> RelayConfig:
         password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
         timeout=settings.smtp_timeout,
     )
+
+
+def sender_identity() -> str:
+    """``host:pid:random``: names this process on the rows it claims (unique per start)."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _throttle(settings: Settings, db: Database, clock: Clock) -> Throttle | None:
+    if settings.smtp_rate <= 0:
+        return None
+    if db.dialect == "postgresql":
+        return SharedThrottle(db, clock, settings.smtp_rate)
+    return LocalThrottle(settings.smtp_rate, clock)
 
 
 def _signer(settings: Settings) -> Signer:
@@ -193,17 +210,34 @@ async def open_mailer(
                 stack.push_async_callback(capture.stop)
             pool = SmtpPool(_relay(settings, capture), size=settings.smtp_connections)
             stack.push_async_callback(pool.close)
+            shared = db.dialect == "postgresql"
             policy = SendPolicy(
                 give_up_after=timedelta(hours=settings.smtp_give_up_hours),
-                rate_per_second=settings.smtp_rate,
+                lease_seconds=settings.lease_seconds,
+                shared=shared,
             )
-            prefetch = 2 * settings.smtp_connections
             signer = _signer(settings)
             stack.callback(signer.close)
-            sender = Sender(db, pool, factory, clock, metrics, policy, prefetch, signer)
+            sender = Sender(
+                db,
+                pool,
+                factory,
+                clock,
+                metrics,
+                policy,
+                sender_identity(),
+                prefetch=2 * settings.smtp_connections,
+                signer=signer,
+                throttle=_throttle(settings, db, clock),
+            )
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)
             worker = Worker(
-                sender, scheduler, metrics, settings.smtp_connections, settings.worker_poll_seconds
+                sender,
+                scheduler,
+                metrics,
+                settings.smtp_connections,
+                settings.worker_poll_seconds,
+                lease_every=policy.lease_margin if shared else None,
             )
             await worker.start()
             stack.push_async_callback(worker.stop)

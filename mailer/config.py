@@ -80,9 +80,13 @@ class Settings(BaseModel):
     templates_dir: Path = PACKAGE_TEMPLATES
     smtp_connections: int = Field(16, ge=1, le=256)
     smtp_rate: float = Field(0.0, ge=0)
-    """Messages per second per process; 0 is as fast as the relay accepts."""
+    """Messages per second; 0 is as fast as the relay accepts. With PostgreSQL the rate
+    holds for the whole deployment (a bucket in the database), on SQLite for the process."""
     smtp_give_up_hours: float = Field(24.0, gt=0)
     worker_poll_seconds: float = Field(1.0, gt=0)
+    lease_seconds: float = Field(60.0, ge=0.5)
+    """How long a sender's claim on a message holds without renewal (PostgreSQL): a sender
+    that stops for longer loses it, and the message is reported, never sent twice."""
     soft_bounce_limit: int = Field(5, ge=1)
     """Soft bounces within ``soft_bounce_days`` after which an address is suppressed."""
     soft_bounce_days: int = Field(30, ge=1)

@@ -167,11 +167,29 @@ class Outbox(SQLModel, table=True):
     the time an unsubscribe was answered."""
     created_at: datetime
     updated_at: datetime
+    lease_owner: str | None = Field(default=None, max_length=80)
+    """The sender process that claimed the row (``host:pid:random``), while ``sending``."""
+    lease_until: datetime | None = None
+    """Until when that claim holds (database time); after it, the row is reaped, never resent."""
+    fence: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    """Incremented at every claim: outcomes are written only under the fence they were
+    claimed with, so a sender whose lease was taken away cannot overwrite the row."""
     feedback: str | None = Field(default=None, max_length=16)
     """The strongest report about this delivery after it left: hard-bounce, soft-bounce,
     complaint (``mailer.domain.feedback.FeedbackKind``)."""
     feedback_detail: str | None = Field(default=None, max_length=400)
     feedback_at: datetime | None = None
+
+
+class RateBucket(SQLModel, table=True):
+    """A token bucket shared by every sender of the deployment (``MAILER_SMTP_RATE``)."""
+
+    __tablename__ = "rate_bucket"
+
+    name: str = Field(sa_column=Column(String(32), primary_key=True))
+    tokens: float
+    updated_at: datetime
+    """When ``tokens`` was last refilled (database time)."""
 
 
 class BounceScore(SQLModel, table=True):

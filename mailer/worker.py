@@ -12,7 +12,9 @@ log = logging.getLogger("mailer.worker")
 
 
 class Worker:
-    """Runs ``tasks`` send tasks (one SMTP connection each) and the campaign scheduler.
+    """Runs ``tasks`` send tasks (one SMTP connection each) and the campaign scheduler; with
+    ``lease_every`` (a database shared with other senders), also renews this sender's leases
+    and reaps expired ones that often.
 
     ``wake()`` makes idle tasks look for work at once (something was just queued here);
     work queued by another process is found within ``poll_seconds``.
@@ -25,12 +27,14 @@ class Worker:
         metrics: Metrics,
         tasks: int,
         poll_seconds: float,
+        lease_every: float | None = None,
     ) -> None:
         self._sender = sender
         self._scheduler = scheduler
         self._metrics = metrics
         self._tasks_wanted = tasks
         self._poll = poll_seconds
+        self._lease_every = lease_every
         self._wake = asyncio.Event()
         self._tick = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -55,6 +59,10 @@ class Worker:
             for i in range(self._tasks_wanted)
         ]
         self._tasks.append(asyncio.create_task(self._schedule_loop(), name="mailer-scheduler"))
+        if self._lease_every is not None:
+            self._tasks.append(
+                asyncio.create_task(self._lease_loop(self._lease_every), name="mailer-leases")
+            )
 
     async def stop(self) -> None:
         """Let each task finish the message in hand, write every outcome, then end."""
@@ -68,7 +76,11 @@ class Worker:
 
     async def _send_loop(self) -> None:
         while not self._stopping.is_set():
-            wait = self._sender.relay_wait()
+            try:
+                wait = await self._sender.relay_wait()
+            except Exception:
+                log.exception("worker.rate_limit_error")
+                wait = self._poll
             if wait > 0:
                 await self._idle(self._wake, min(wait, self._poll))
                 continue
@@ -93,6 +105,19 @@ class Worker:
                 more = False
             if not more:
                 await self._idle(self._tick, self._poll)
+
+    async def _lease_loop(self, every: float) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
+                return
+            try:
+                _, reaped = await self._sender.keep_leases()
+            except Exception:
+                log.exception("leases.error")
+                continue
+            if reaped:
+                log.warning("outbox.interrupted count=%d (expired leases reaped)", reaped)
 
     async def _idle(self, event: asyncio.Event, seconds: float) -> None:
         if self._stopping.is_set():

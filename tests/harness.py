@@ -24,6 +24,8 @@ class Captured:
     mail_from: str
     rcpt_tos: list[str]
     raw: bytes
+    mail_at: float = 0.0
+    """``time.monotonic()`` when this transaction's MAIL FROM arrived (its hand-off began)."""
 
     @property
     def message(self) -> EmailMessage:
@@ -214,6 +216,7 @@ class SinkServer:
             return reply
         envelope.mail_from = address  # what aiosmtpd does itself when there is no hook
         envelope.mail_options.extend(options)
+        envelope.mail_at = time.monotonic()  # type: ignore[attr-defined]
         return "250 OK"
 
     async def handle_RSET(self, server: Any, session: Session, envelope: Envelope) -> str:
@@ -251,7 +254,10 @@ class SinkServer:
         reply = self.data_replies.get(rcpt)
         if reply is not None:
             return reply
-        self.messages.append(Captured(str(envelope.mail_from), list(envelope.rcpt_tos), raw))
+        mail_at = getattr(envelope, "mail_at", 0.0)
+        self.messages.append(
+            Captured(str(envelope.mail_from), list(envelope.rcpt_tos), raw, mail_at)
+        )
         delay = self.data_delays.get(rcpt)
         if delay:
             await asyncio.sleep(delay)

@@ -110,7 +110,7 @@ async def seed(m: Mailer, db: Db, emails: list[str]) -> None:
     """List "news" with ``emails`` as confirmed subscribers, inserted directly (fast)."""
     await m.lists.create("news", "Example News")
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, list_id, emails)
+    await seed_confirmed(m, list_id, emails)
 
 
 def db_of(settings: Settings) -> Db:

@@ -67,7 +67,7 @@ async def subscribed(m: Mailer, settings: Settings, emails: list[str]) -> None:
     db = db_of(settings)
     await m.lists.create("news", "Example News")
     list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, list_id, emails)
+    await seed_confirmed(m, list_id, emails)
 
 
 async def campaign_to(

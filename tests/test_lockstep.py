@@ -5,7 +5,8 @@ until the test has unsubscribed r_{i+1} by one of the opt-out paths and got the 
 one SMTP connection, r_{i+1} cannot have been checked yet, so it must never be sent. With
 four connections r_{i+1} may already be in flight; the oracle is then the outbox column
 ``checked_at`` (when the send-time consent check passed): no recipient whose check came after
-its opt-out was answered may ever be sent.
+its opt-out was answered may ever be sent. The same oracle holds for four workers (four
+senders, one connection each) sharing one PostgreSQL database.
 """
 
 import time
@@ -19,14 +20,19 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import Connection, select
 
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.domain.ledger import Evidence
 from mailer.domain.tokens import LinkClaim, TokenCodec
+from mailer.store.tables import outbox, subscribers
 from mailer.web.app import create_app
 from tests.conftest import SECRET, auth, init_db, make_settings, seed_confirmed
-from tests.databases import POSTGRESQL, SQLITE, Db, active
-from tests.harness import SinkServer, as_utc, query, wait_until
+from tests.databases import POSTGRESQL, SQLITE, active
+from tests.harness import SinkServer, wait_until
+from tests.postgres import pg_url, requires_postgres
+
+__all__ = ["pg_url"]  # the fixture, used by the PostgreSQL variant
 
 N = 40
 EMAILS = [f"r{i}@example.org" for i in range(N)]
@@ -115,42 +121,42 @@ class Row:
     status: str
     reason: str | None
     checked_at: datetime | None
+    owner: str | None
 
 
-def rows(db: Db, campaign: int) -> dict[str, Row]:
-    found = query(
-        db,
-        "SELECT s.email, o.status, o.reason, o.checked_at FROM outbox o"
-        " JOIN subscriber s ON s.id = o.subscriber_id"
-        " WHERE o.campaign_id = ? AND o.kind = 'campaign'",
-        campaign,
-    )
-    return {
-        email: Row(
-            status,
-            reason,
-            None if at is None else as_utc(at),
+async def rows(m: Mailer, campaign: int) -> dict[str, Row]:
+    def read(conn: Connection) -> list[Any]:
+        q = (
+            select(
+                subscribers.c.email,
+                outbox.c.status,
+                outbox.c.reason,
+                outbox.c.checked_at,
+                outbox.c.lease_owner,
+            )
+            .join(subscribers, subscribers.c.id == outbox.c.subscriber_id)
+            .where(outbox.c.campaign_id == campaign, outbox.c.kind == "campaign")
         )
-        for email, status, reason, at in found
-    }
+        return list(conn.execute(q).all())
 
-
-def seed(m: Mailer, db: Db) -> None:
-    """``EMAILS`` as confirmed subscribers of "news", in id order, inserted directly (fast)."""
-    list_id = query(db, "SELECT id FROM mailing_list WHERE slug = 'news'")[0][0]
-    seed_confirmed(m, list_id, EMAILS)
+    return {email: Row(*values) for email, *values in await m.db.read(read)}
 
 
 async def run_lockstep(
-    tmp_path: Path, sink: SinkServer, path: str, connections: int
+    tmp_path: Path,
+    sink: SinkServer,
+    path: str,
+    connections: int,
+    workers: int = 1,
+    database_url: str | None = None,
 ) -> tuple[Lockstep, dict[str, Row]]:
     """Send the campaign with the hook in place; return the recorder and the final rows.
 
-    With several connections the relay also answers the odd recipients' DATA slowly, so
-    connections are often busy with them while an opt-out runs: then r_{i+1} is sometimes
-    not yet checked when its opt-out is answered, and sometimes already in flight.
+    With several connections (or workers) the relay also answers the odd recipients' DATA
+    slowly, so connections are often busy with them while an opt-out runs: then r_{i+1} is
+    sometimes not yet checked when its opt-out is answered, and sometimes already in flight.
     """
-    if connections > 1:
+    if connections * workers > 1:
         sink.data_delays.update(dict.fromkeys(ODD, ODD_REPLY_DELAY[active.name]))
     settings = make_settings(
         tmp_path,
@@ -158,25 +164,27 @@ async def run_lockstep(
         smtp_port=sink.port,
         smtp_connections=connections,
         api_rate_per_minute=10_000,
+        **({"database_url": database_url} if database_url else {}),
     )
     await init_db(settings)
-    db = settings.database_url
     async with AsyncExitStack() as stack:
         m = await stack.enter_async_context(open_mailer(settings, sending=True))
+        for _ in range(workers - 1):
+            await stack.enter_async_context(open_mailer(settings, sending=True))
         http = await stack.enter_async_context(TestClient(TestServer(create_app(m))))
         target = await m.lists.create("news", "Example News")
-        seed(m, db)
+        await seed_confirmed(m, target.id, EMAILS)
         lockstep = Lockstep(m, http, path, target.uid, await m.api_keys.create("lockstep"))
         sink.before_data_reply = lockstep.hook
         campaign = await m.campaigns.create("news", "Lockstep", "Hello **you**.", "campaign")
         await m.campaigns.send(campaign)
-        await wait_until(
-            lambda: query(db, "SELECT status FROM campaign WHERE id = ?", campaign) == [("sent",)],
-            timeout=20,
-            what="the campaign to finish",
-        )
+
+        async def sent() -> bool:
+            return (await m.campaigns.get(campaign)).status == "sent"
+
+        await wait_until(sent, timeout=20, what="the campaign to finish")
         sink.before_data_reply = None
-        return lockstep, rows(db, campaign)
+        return lockstep, await rows(m, campaign)
 
 
 def copies(sink: SinkServer) -> Counter[str]:
@@ -212,6 +220,26 @@ async def test_lockstep_four_connections_checked_after_answer_never_sent(
 ) -> None:
     """Four connections: a message whose consent check came after the opt-out answer never goes."""
     lockstep, final = await run_lockstep(tmp_path, sink, path, connections=4)
+    check_checked_after_answer_never_sent(sink, path, lockstep, final)
+
+
+@requires_postgres
+@pytest.mark.parametrize("path", list(PATHS))
+async def test_lockstep_four_workers_on_postgres(
+    tmp_path: Path, sink: SinkServer, path: str, pg_url: str
+) -> None:
+    """Four workers on one PostgreSQL database: the same oracle as four connections."""
+    lockstep, final = await run_lockstep(
+        tmp_path, sink, path, connections=1, workers=4, database_url=pg_url
+    )
+    check_checked_after_answer_never_sent(sink, path, lockstep, final)
+    assert len({r.owner for r in final.values() if r.status == "sent"}) >= 2  # shared work
+
+
+def check_checked_after_answer_never_sent(
+    sink: SinkServer, path: str, lockstep: Lockstep, final: dict[str, Row]
+) -> None:
+    """No opted-out recipient whose check came after the answer was sent; at least one skip."""
     sent_to = copies(sink)
     assert lockstep.errors == []
     assert sorted(lockstep.answered) == sorted(ODD)

@@ -403,7 +403,8 @@ async def test_hand_off_that_raises_is_unknown_not_stuck(tmp_path: Path, sink: S
             m.clock,
             MessageConfig(settings.base_url, settings.from_addr, "test"),
         )
-        sender = Sender(m.db, _RaisingTransport(), factory, m.clock, m.metrics, SendPolicy())
+        policy = SendPolicy()
+        sender = Sender(m.db, _RaisingTransport(), factory, m.clock, m.metrics, policy, "test")
         sender.recorder.start()
         assert await sender.send_one() is True
         assert await sender.send_one() is False

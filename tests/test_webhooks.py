@@ -228,7 +228,7 @@ async def hooked_mailer(tmp_path: Path, **settings: Any) -> AsyncIterator[Hooked
     clock = MutableClock()
     async with open_mailer(config, clock=clock) as m:
         news = await m.lists.create("news", "Example News")
-        seed_confirmed(m, news.id, KNOWN)
+        await seed_confirmed(m, news.id, KNOWN)
         async with TestClient(TestServer(create_app(m))) as http:
             yield Hooked(m, http, clock, tmp_path / "mailer.db")
 

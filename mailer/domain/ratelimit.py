@@ -38,6 +38,21 @@ class TokenBucket:
         self._tokens -= 1.0
 
 
+def grant(
+    tokens: float, elapsed: float, rate: float, burst: float, want: int
+) -> tuple[int, float, float]:
+    """Refill a bucket by ``elapsed`` seconds at ``rate`` (capped at ``burst``), then take up to
+    ``want`` whole tokens.
+
+    Returns ``(granted, tokens left, wait)``: ``wait`` is the seconds until a whole token is
+    there when none was granted (0.0 otherwise). A clock that went back refills nothing.
+    """
+    level = min(burst, tokens + max(0.0, elapsed) * rate)
+    got = max(0, min(want, int(level)))
+    left = level - got
+    return got, left, 0.0 if got else (1.0 - left) / rate
+
+
 class KeyedLimiter:
     """One token bucket per key, e.g. per API key id."""
 

@@ -154,6 +154,7 @@ class Campaigns:
             list_from=campaign.list_from,
             queued_at=self._clock.now(),
             campaign_id=campaign.id,
+            fence=0,
         )
         return self._factory.campaign(fake, campaign).data
 

@@ -45,5 +45,22 @@ class Metrics:
             registry=r,
         )
 
+        self.leases_lost = Counter(
+            "mailer_leases_lost",
+            "Claimed messages not sent because their lease had been reaped or taken",
+            registry=r,
+        )
+        self.lease_refusals = Counter(
+            "mailer_lease_refusals",
+            "Messages put back unsent because their lease was too close to its end",
+            ["at"],
+            registry=r,
+        )
+        self.leases_reaped = Counter(
+            "mailer_leases_reaped",
+            "Expired claims (of any sender) reported failed as interrupted by this one",
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,30 +12,39 @@ is no other way out.
   queue uncharged; a cancelled one's is skipped. Nothing waits between this check and the
   hand-off, and its time is recorded as ``checked_at``.
 * **Record**: outcomes are written in batches that share a commit with the next claims.
+* **Leases** (several senders on PostgreSQL): a claim leases each row to this sender until a
+  database-clock deadline, under a new fence. The consent probe reads the row's fence and
+  lease end with the database clock in the same round trip; the message goes only if the
+  claim is still this sender's and has more than a margin to run, and only if the local
+  monotonic clock, checked again right before the hand-off, agrees (a sender frozen between
+  the probe and the send notices). Outcomes are written under the fence.
 
-A crash leaves the buffered and in-flight rows ``sending``; the next start reports them
-failed (``interrupted``), never sends them twice (G6). The buffer is small to keep that few.
+A crash leaves the buffered and in-flight rows ``sending``. On SQLite (one sender) the next
+start reports them failed (``interrupted``); on PostgreSQL any live sender does so once their
+lease has expired. Either way they are never sent twice (G6); the buffer is small to keep
+that few.
 """
 
 import asyncio
 import logging
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mailer.domain.consent import may_send
-from mailer.domain.ratelimit import TokenBucket
 from mailer.domain.retry import next_attempt
 from mailer.errors import MailerError, MissingUnsubscribe
 from mailer.services.messages import Built, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock, MailConnection, MailTransport, NoSigner, Signer
+from mailer.services.throttle import Throttle
 from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
 from mailer.store import campaigns, outbox
 from mailer.store.campaigns import CampaignRow
 from mailer.store.db import Database
-from mailer.store.outbox import Claimed, Outcome
+from mailer.store.outbox import Claimed, Lease, Outcome
 from mailer.transport.outcomes import PermFail, RelayDown, Sent, TempFail, Unknown
 
 log = logging.getLogger("mailer.sending")
@@ -47,15 +56,30 @@ RELAY_BACKOFF_MAX = 900.0
 @dataclass(frozen=True, slots=True)
 class SendPolicy:
     give_up_after: timedelta = timedelta(hours=24)
-    rate_per_second: float = 0.0
-    """Messages per second for this process; 0 means as fast as the relay takes them."""
+    lease_seconds: float = 60.0
+    """How long a claim holds without renewal; checked only where ``shared``."""
+    shared: bool = False
+    """Other processes may send from this database (PostgreSQL): leases are checked, and
+    expired ones reaped while running instead of every leftover row at start."""
+
+    @property
+    def lease_margin(self) -> float:
+        """A message goes only if its lease has more than this left: time for the hand-off."""
+        return self.lease_seconds / 4
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    """The probe passed: hand the message off before ``deadline`` (local monotonic clock)."""
+
+    deadline: float
 
 
 class Recorder:
     """Collects outcomes and writes them in batches (one transaction per flush).
 
     A message stays ``sending`` until its outcome is written; a crash in between leaves it
-    to ``fail_interrupted`` at the next start: reported, never sent twice (G6).
+    to be reported failed (interrupted), never sent twice (G6).
     """
 
     def __init__(self, db: Database, clock: Clock) -> None:
@@ -103,8 +127,10 @@ class Sender:
         clock: Clock,
         metrics: Metrics,
         policy: SendPolicy,
+        owner: str,
         prefetch: int = 8,
         signer: Signer | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self._db = db
         self._signer = signer or NoSigner()
@@ -117,11 +143,9 @@ class Sender:
         self.recorder = Recorder(db, clock)
         self._lanes: list[int] = []
         self._campaigns: dict[int, CampaignRow] = {}
-        self._bucket = (
-            TokenBucket(policy.rate_per_second, max(1.0, policy.rate_per_second))
-            if policy.rate_per_second > 0
-            else None
-        )
+        self._throttle = throttle
+        self.lease = Lease(owner, policy.lease_seconds)
+        self._probe = outbox.PROBE_WITH_CLOCK if policy.shared else outbox.PROBE
         self._relay_backoff = 0.0
         self._relay_closed_until = 0.0
         self._prefetch = prefetch
@@ -134,16 +158,32 @@ class Sender:
         self._lanes = running
 
     async def recover(self) -> int:
-        """Report messages a crash left mid-hand-off as failed (never resent: G6)."""
+        """At start, report messages a crash left mid-hand-off as failed (never resent: G6).
+
+        Shared database: only rows whose lease expired (other senders hold the rest). SQLite:
+        this is its only sender, so every row left ``sending`` is a leftover.
+        """
+        if self._policy.shared:
+            return await self._db.write(outbox.reap_expired, self._clock.now())
+        await self._db.lock_sender()
         return await self._db.write(outbox.fail_interrupted, self._clock.now())
 
-    def relay_wait(self) -> float:
+    async def keep_leases(self) -> tuple[int, int]:
+        """Renew this sender's live claims, then reap everyone's expired ones; both counts."""
+        now = self._clock.now()
+        renewed = await self._db.write(outbox.renew, self.lease, now)
+        reaped = await self._db.write(outbox.reap_expired, now)
+        if reaped:
+            self._metrics.leases_reaped.inc(reaped)
+        return renewed, reaped
+
+    async def relay_wait(self) -> float:
         """Seconds still to wait before the relay or the rate limit allows a message."""
         now = self._clock.monotonic()
         if now < self._relay_closed_until:
             return self._relay_closed_until - now
-        if self._bucket is not None:
-            return self._bucket.wait(now)  # spent only when a message is really taken
+        if self._throttle is not None:
+            return await self._throttle.wait()  # spent only when a message is really taken
         return 0.0
 
     async def send_one(self) -> bool:
@@ -156,19 +196,20 @@ class Sender:
             message = await self._next()
             if message is None:
                 return False
-            if self._bucket is not None:
-                self._bucket.spend(self._clock.monotonic())
+            if self._throttle is not None:
+                self._throttle.spend()
             ready = await self._prepare(message)
             checked = self._clock.monotonic()
             checked_at = self._clock.now()  # before the probe, whose snapshot is no older
-            verdict = await self._check(message, checked_at)
-            if verdict is not None:
-                self.recorder.add(verdict)
+            verdict = await self._check(message, checked, checked_at)
+            if not isinstance(verdict, Go):
+                if verdict is not None:
+                    self.recorder.add(verdict)
                 return True
             if isinstance(ready, str):  # could not be built: nothing has left the machine
                 self._finish(message, checked_at, OutboxStatus.FAILED, ready)
                 return True
-            await self._deliver(conn, message, ready, checked, checked_at)
+            await self._deliver(conn, message, ready, checked, checked_at, verdict.deadline)
         return True
 
     async def release(self) -> None:
@@ -176,7 +217,7 @@ class Sender:
         now = self._clock.now()
         while self._buffer:
             message = self._buffer.popleft()
-            self.recorder.add(Outcome(message.outbox_id, OutboxStatus.QUEUED, None, now, False))
+            self.recorder.add(_requeue(message, now))
 
     async def _next(self) -> Claimed | None:
         if not self._buffer:
@@ -198,34 +239,57 @@ class Sender:
                 lanes = lanes[self._turn :] + lanes[: self._turn]
             room = max(1, self._prefetch - len(self._buffer))
             claimed = await self._db.write(
-                outbox.claim_batch, self._clock.now(), [None, *lanes], room
+                outbox.claim_batch, self._clock.now(), [None, *lanes], room, self.lease
             )
             self._buffer.extend(claimed)
         finally:
             self._filling = None
 
-    async def _check(self, message: Claimed, now: datetime) -> Outcome | None:
-        """The consent check right before hand-off, as of ``now`` (taken just before it, so
-        a check recorded after an opt-out's answer did see that opt-out); an outcome when
-        the message must not go."""
-        row = await self._db.peek(outbox.PROBE, {"oid": message.outbox_id})
+    async def _check(self, message: Claimed, started: float, now: datetime) -> Outcome | Go | None:
+        """The check right before hand-off, begun at ``started`` (monotonic) and ``now`` (taken
+        just before it, so a check recorded after an opt-out's answer did see that opt-out).
+
+        ``Go`` when the message may be handed off; an outcome when it must not go; None when
+        this sender no longer holds the row (its lease was reaped or taken): nothing to write.
+        """
+        row = await self._db.peek(self._probe, {"oid": message.outbox_id})
+        oid, fence = message.outbox_id, message.fence
         if row is None:  # the person was erased since the claim, and the row with them
-            return Outcome(message.outbox_id, OutboxStatus.SKIPPED, "erased", None)
-        subscription, suppressed, campaign_status, confirmed_anywhere = row
+            return Outcome(oid, fence, OutboxStatus.SKIPPED, "erased", None)
+        subscription, suppressed, campaign_status, confirmed_anywhere, status, held = row[:6]
+        if status != OutboxStatus.SENDING or held != fence:
+            self._metrics.leases_lost.inc()
+            log.warning("lease.lost outbox_id=%d (reaped or claimed elsewhere; not sent)", oid)
+            return None
+        deadline = math.inf
+        if self._policy.shared:
+            left = (row[6] - row[7]).total_seconds() - self._policy.lease_margin
+            if left <= 0:  # still ours, but too close to its end to start a hand-off
+                return self._refuse(message, "probe")
+            deadline = started + left  # the lease was read after ``started``: conservative
         if (
             message.campaign_id is not None
             and message.kind is not MessageKind.PREVIEW
             and (campaign_status != CampaignStatus.RUNNING)
         ):
             if campaign_status == CampaignStatus.PAUSED:  # back to the queue, uncharged
-                return Outcome(message.outbox_id, OutboxStatus.QUEUED, None, now, False, None, now)
+                return Outcome(oid, fence, OutboxStatus.QUEUED, None, now, False, None, now)
             reason = str(campaign_status)
-            return Outcome(message.outbox_id, OutboxStatus.SKIPPED, reason, None, True, None, now)
+            return Outcome(oid, fence, OutboxStatus.SKIPPED, reason, None, True, None, now)
         skip = may_send(message.kind, subscription, suppressed, bool(confirmed_anywhere))
         if skip is None:
-            return None
+            return Go(deadline)
         self._metrics.messages.labels(message.kind.value, "skipped").inc()
-        return Outcome(message.outbox_id, OutboxStatus.SKIPPED, skip.value, None, True, None, now)
+        return Outcome(oid, fence, OutboxStatus.SKIPPED, skip.value, None, True, None, now)
+
+    def _refuse(self, message: Claimed, where: str) -> Outcome:
+        """The lease is (nearly) over before the hand-off: back to the queue, uncharged.
+
+        The row is still ours unless reaped meanwhile, and then the fenced write lands nowhere.
+        """
+        self._metrics.lease_refusals.labels(where).inc()
+        log.warning("lease.refused outbox_id=%d at=%s (too late)", message.outbox_id, where)
+        return _requeue(message, self._clock.now())
 
     async def _build(self, message: Claimed) -> Built:
         if message.kind is MessageKind.CONFIRM:
@@ -258,7 +322,9 @@ class Sender:
         bounced: str | None = None,
     ) -> None:
         self.recorder.add(
-            Outcome(message.outbox_id, status, reason, None, True, bounced, checked_at)
+            Outcome(
+                message.outbox_id, message.fence, status, reason, None, True, bounced, checked_at
+            )
         )
         self._metrics.messages.labels(message.kind.value, status.value).inc()
 
@@ -269,11 +335,17 @@ class Sender:
         ready: tuple[Built, bytes],
         checked: float,
         checked_at: datetime,
+        deadline: float,
     ) -> None:
+        oid, fence = message.outbox_id, message.fence
+
         def done(status: OutboxStatus, reason: str | None, bounced: str | None = None) -> None:
             self._finish(message, checked_at, status, reason, bounced)
 
         built, data = ready
+        if self._clock.monotonic() >= deadline:  # frozen or slow since the probe
+            self.recorder.add(self._refuse(message, "hand-off"))
+            return
         try:
             result = await conn.send(built.sender, message.email, data, built.smtputf8)
         except Exception as exc:  # transports return outcomes; this is a bug mid-hand-off
@@ -308,23 +380,13 @@ class Sender:
                     done(OutboxStatus.FAILED, f"gave up retrying: {reason}")
                 else:
                     self.recorder.add(
-                        Outcome(
-                            message.outbox_id,
-                            OutboxStatus.QUEUED,
-                            reason,
-                            at,
-                            True,
-                            None,
-                            checked_at,
-                        )
+                        Outcome(oid, fence, OutboxStatus.QUEUED, reason, at, True, None, checked_at)
                     )
             case RelayDown(reason=reason):
                 self._close_relay(reason)
                 now = self._clock.now()
                 self.recorder.add(
-                    Outcome(
-                        message.outbox_id, OutboxStatus.QUEUED, reason, now, False, None, checked_at
-                    )
+                    Outcome(oid, fence, OutboxStatus.QUEUED, reason, now, False, None, checked_at)
                 )
 
     def _close_relay(self, reason: str) -> None:
@@ -335,3 +397,8 @@ class Sender:
         self._relay_closed_until = self._clock.monotonic() + self._relay_backoff
         self._metrics.relay_backoff.set(self._relay_backoff)
         log.error("relay.backoff seconds=%.0f reason=%s", self._relay_backoff, reason)
+
+
+def _requeue(message: Claimed, now: datetime) -> Outcome:
+    """Back to the queue at once, uncharged: it was never handed off."""
+    return Outcome(message.outbox_id, message.fence, OutboxStatus.QUEUED, None, now, False)

@@ -209,14 +209,15 @@ def fan_out(conn: Connection, campaign_id: int, chunk: int, now: datetime) -> tu
 
     Recipients are taken in subscriber-id order after a cursor kept on the campaign, in the
     same transaction, so a crash between chunks resumes where it stopped; the outbox's
-    unique constraint makes a repeated chunk harmless. Only confirmed, unsuppressed people
-    are queued here (for a newsletter, of its list; for an announcement, of any list, once
-    each); the send-time check decides again for each message.
+    unique constraint makes a repeated chunk harmless. The campaign row is locked first, so
+    schedulers of several workers take turns and each reads the cursor the last one left.
+    Only confirmed, unsuppressed people are queued here (for a newsletter, of its list; for an
+    announcement, of any list, once each); the send-time check decides again for each message.
     """
-    row = conn.execute(
-        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind).where(
-            t.c.id == campaign_id
-        )
+    row = conn.execute(  # locked: concurrent schedulers (PostgreSQL) fan out one at a time
+        select(t.c.list_id, t.c.fanout_cursor, t.c.fanout_done, t.c.status, t.c.kind)
+        .where(t.c.id == campaign_id)
+        .with_for_update()
     ).one()
     list_id, cursor, done = row[0], int(row[1]), bool(row[2])
     if done or row[3] != CampaignStatus.RUNNING:  # cancelled or paused since the caller looked

@@ -48,6 +48,12 @@ class Database:
         """One row of a small read on the send path's hot loop, as of this instant."""
         raise NotImplementedError
 
+    async def lock_sender(self) -> None:
+        """Become the only process sending from this database, or raise ``Conflict``.
+
+        A no-op where several senders coordinate through leases (PostgreSQL).
+        """
+
     async def checkpoint(self) -> None:
         """Fold the write-ahead log into the database after many writes (no-op where none)."""
 

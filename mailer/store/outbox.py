@@ -16,6 +16,7 @@ from mailer.statuses import (
     SuppressionReason,
 )
 from mailer.store import ledger, suppression
+from mailer.store.dbclock import database_now
 from mailer.store.tables import (
     campaigns,
     lists,
@@ -42,6 +43,16 @@ class Claimed:
     list_from: str | None
     queued_at: datetime
     campaign_id: int | None
+    fence: int
+    """The row's fence as this claim set it: outcomes are written only under it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who claims (``host:pid:random``) and for how long the claim holds."""
+
+    owner: str
+    seconds: float
 
 
 _INSERT = insert(outbox)
@@ -152,6 +163,7 @@ _CLAIM_COLS = (
     outbox.c.created_at,
     outbox.c.campaign_id,
     _CONFIRMED_ANYWHERE,
+    outbox.c.fence,
 )
 
 
@@ -197,7 +209,12 @@ _DUE_CAMPAIGN = (
 )
 _ONE_ROW = outbox.c.id == bindparam("b_id")
 _MOVE_QUEUED = update(outbox).where(_ONE_ROW, outbox.c.status == OutboxStatus.QUEUED.value)
-_SENDING = (_ONE_ROW, outbox.c.status == OutboxStatus.SENDING.value)
+_SENDING = (
+    _ONE_ROW,
+    outbox.c.status == OutboxStatus.SENDING.value,
+    outbox.c.fence == bindparam("b_fence"),
+)
+"""Compare-and-set: still in hand-off, under the fence of the claim that took it."""
 _CHECKED = func.coalesce(
     bindparam("b_checked", type_=outbox.c.checked_at.type), outbox.c.checked_at
 )
@@ -215,7 +232,12 @@ _REQUEUE = (
 
 
 def claim(
-    conn: Connection, now: datetime, campaign_id: int | None = None, limit: int = 1
+    conn: Connection,
+    now: datetime,
+    campaign_id: int | None,
+    limit: int,
+    lease: Lease,
+    until: datetime,
 ) -> tuple[list[Claimed], int]:
     """Claim up to ``limit`` due messages, each only if its recipient's consent holds *now*.
 
@@ -225,7 +247,8 @@ def claim(
     indexes, so a paused campaign's queued rows never slow anyone else's claim.
 
     Runs inside one short write transaction: a row whose check fails becomes ``skipped`` with
-    the reason; a row whose check passes becomes ``sending``. Returns the claimed messages and
+    the reason; a row whose check passes becomes ``sending``, leased to ``lease.owner`` until
+    ``until`` under a new fence. Returns the claimed messages and
     how many rows were settled either way (0: nothing was due). No network I/O happens here.
     The selected rows cannot change before they are updated: SQLite's write lock is held
     (``BEGIN IMMEDIATE``), and PostgreSQL locks them (``FOR UPDATE SKIP LOCKED``).
@@ -245,12 +268,14 @@ def claim(
                 "reason": None if skip is None else skip.value,
                 "updated_at": now,
                 "checked_at": now if skip is None else None,
+                "lease_owner": lease.owner,
+                "lease_until": until,
+                "fence": r[15] + 1,
             }
         )
         if skip is None:
-            claimed.append(
-                Claimed(r[0], kind, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13])
-            )
+            fields = (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13], r[15] + 1)
+            claimed.append(Claimed(r[0], kind, *fields))
     if moves:
         conn.execute(_MOVE_QUEUED, moves)
     return claimed, len(moves)
@@ -269,6 +294,7 @@ class Outcome:
     """
 
     outbox_id: int
+    fence: int
     status: OutboxStatus
     reason: str | None
     retry_at: datetime | None
@@ -281,14 +307,18 @@ class Outcome:
 BOUNCE_EVIDENCE = Evidence(channel=Channel.BOUNCE.value, actor="relay")
 
 
-def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
-    """Write outcomes, each only over ``sending`` (compare-and-set); return how many landed."""
+def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
+    """Write outcomes, each only over ``sending`` under its fence (compare-and-set).
+
+    An outcome whose row was reaped or claimed again since (its lease expired) lands nowhere.
+    """
     finals: list[dict[str, object]] = []
     retries: list[dict[str, object]] = []
     requeues: list[dict[str, object]] = []
     for o in outcomes:
         row: dict[str, object] = {
             "b_id": o.outbox_id,
+            "b_fence": o.fence,
             "reason": o.reason,
             "updated_at": now,
             "b_checked": o.checked_at,
@@ -305,21 +335,24 @@ def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> int:
                 evidence=BOUNCE_EVIDENCE,
                 now=now,
             )
-    landed = 0
     for statement, params in ((_FINISH, finals), (_RETRY, retries), (_REQUEUE, requeues)):
         if params:
-            landed += int(conn.execute(statement, params).rowcount)
-    return landed
+            conn.execute(statement, params)
 
 
 def claim_batch(
-    conn: Connection, now: datetime, lanes: list[int | None], limit: int
+    conn: Connection, now: datetime, lanes: list[int | None], limit: int, lease: Lease
 ) -> list[Claimed]:
-    """Claim up to ``limit`` due messages, taking ``lanes`` in order (``None``: direct lane)."""
+    """Claim up to ``limit`` due messages, taking ``lanes`` in order (``None``: direct lane).
+
+    The lease runs from the database's clock read before the claim (so it ends no later than
+    ``lease.seconds`` after the claim commits).
+    """
+    until = database_now(conn, now) + timedelta(seconds=lease.seconds)
     claimed: list[Claimed] = []
     for lane in lanes:
         while len(claimed) < limit:
-            got, settled = claim(conn, now, lane, limit - len(claimed))
+            got, settled = claim(conn, now, lane, limit - len(claimed), lease, until)
             claimed.extend(got)
             if not settled:  # this lane has nothing due
                 break
@@ -329,13 +362,25 @@ def claim_batch(
 
 
 PROBE = (
-    select(subscriptions.c.status, suppressions.c.reason, campaigns.c.status, _CONFIRMED_ANYWHERE)
+    select(
+        subscriptions.c.status,
+        suppressions.c.reason,
+        campaigns.c.status,
+        _CONFIRMED_ANYWHERE,
+        outbox.c.status,
+        outbox.c.fence,
+        outbox.c.lease_until,
+    )
     .select_from(_CONSENT.outerjoin(campaigns, campaigns.c.id == outbox.c.campaign_id))
     .where(outbox.c.id == bindparam("oid"))
 )
-"""The per-message consent check right before hand-off: the recipient's subscription to the
-message's list, their suppression, and the campaign's status, as of now. No row: the person
-was erased since the claim."""
+"""The per-message check right before hand-off: the recipient's subscription to the
+message's list, their suppression, and the campaign's status, as of now; and the row's own
+status, fence and lease end, so a sender whose claim was taken away never hands it off.
+No row: the person was erased since the claim."""
+
+PROBE_WITH_CLOCK = PROBE.add_columns(func.clock_timestamp())
+"""``PROBE`` plus the database's clock, read in the same round trip (PostgreSQL)."""
 
 
 INTERRUPTED = (
@@ -344,15 +389,40 @@ INTERRUPTED = (
 )
 
 
+_INTERRUPT = update(outbox).values(
+    status=OutboxStatus.FAILED.value, reason=INTERRUPTED, updated_at=bindparam("now")
+)
+_IN_HAND = outbox.c.status == OutboxStatus.SENDING.value
+
+
 def fail_interrupted(conn: Connection, now: datetime) -> int:
-    """At start: messages left ``sending`` by a crash are reported failed, never resent (G6)."""
+    """At start of the one SQLite sender: every row left ``sending`` by a crash is reported
+    failed, never resent (G6). Several senders share a database only on PostgreSQL, where
+    ``reap_expired`` takes this role."""
+    return int(conn.execute(_INTERRUPT.where(_IN_HAND), {"now": now}).rowcount)
+
+
+def reap_expired(conn: Connection, now: datetime) -> int:
+    """Report rows whose claim expired (database time) failed, never resent (G6).
+
+    The holder refuses to hand a row off unless its lease still has a margin to run, so a
+    row past its lease end may have been handed off only by a hand-off already under way:
+    it can never go again. Rows from before leases existed (no end) count as expired.
+    """
+    clock = database_now(conn, now)
+    expired = _IN_HAND & (outbox.c.lease_until.is_(None) | (outbox.c.lease_until < clock))
+    return int(conn.execute(_INTERRUPT.where(expired), {"now": now}).rowcount)
+
+
+def renew(conn: Connection, lease: Lease, now: datetime) -> int:
+    """Extend this sender's unexpired claims by ``lease.seconds`` (database time).
+
+    An expired claim is never renewed: it may already be reaped, and its holder refuses it.
+    """
+    clock = database_now(conn, now)
     result = conn.execute(
         update(outbox)
-        .where(outbox.c.status == OutboxStatus.SENDING.value)
-        .values(
-            status=OutboxStatus.FAILED.value,
-            reason=INTERRUPTED,
-            updated_at=now,
-        )
+        .where(_IN_HAND, outbox.c.lease_owner == lease.owner, outbox.c.lease_until > clock)
+        .values(lease_until=clock + timedelta(seconds=lease.seconds))
     )
     return int(result.rowcount)

@@ -23,6 +23,7 @@ Pragmas: WAL, ``synchronous=FULL``, a busy timeout, foreign keys, ``secure_delet
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import queue
 import sqlite3
@@ -78,6 +79,7 @@ class SqliteDatabase(Database):
         self._next_wal_check = 0.0
         self._checkpointer: threading.Thread | None = None
         self._peeks: dict[int, Compiled] = {}
+        self._sender_lock: int | None = None
 
     # -- the public interface ------------------------------------------------------------
 
@@ -109,6 +111,26 @@ class SqliteDatabase(Database):
             self._peek_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         row = self._peek_conn.execute(str(compiled), {**compiled.params, **params}).fetchone()
         return None if row is None else tuple(row)
+
+    async def lock_sender(self) -> None:
+        """Hold an exclusive lock on ``<database>.sender.lock`` until ``close`` (or death).
+
+        SQLite has one writer and no leases: a second sending process would report the first
+        one's messages as interrupted. Several senders need PostgreSQL.
+        """
+        if self._sender_lock is not None:
+            return
+        self._create_private()
+        fd = os.open(f"{self.path}.sender.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(
+                f"another mailer process is already sending from {self.path}; SQLite serves "
+                "one sender (stop it, or use PostgreSQL to run several workers)"
+            ) from None
+        self._sender_lock = fd
 
     async def checkpoint(self) -> None:
         """Copy the WAL into the database and truncate it, on the writer thread.
@@ -161,6 +183,8 @@ class SqliteDatabase(Database):
             await asyncio.to_thread(self._checkpointer.join)
         if self._peek_conn is not None:
             self._peek_conn.close()
+        if self._sender_lock is not None:
+            os.close(self._sender_lock)  # closing the descriptor releases the lock
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=True)
