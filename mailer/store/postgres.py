@@ -7,7 +7,8 @@
 * **Peeks**, the per-message consent probe right before a hand-off, skip SQLAlchemy: each
   statement is compiled once to PostgreSQL SQL with ``$n`` parameters and runs as one
   autocommit ``fetchrow`` on a raw asyncpg pool (a single SELECT's snapshot is its own; no
-  transaction, no pre-ping, no rollback round trip). asyncpg prepares it once per connection.
+  transaction, no pre-ping, no rollback, no reset on release: one round trip). asyncpg
+  prepares it once per connection.
   When the server dropped the connection, every pooled one is replaced and the peek runs
   once more; any other error reaches the sender as before.
 """
@@ -69,6 +70,11 @@ def _compile(statement: Select[Any], dialect: Dialect) -> _Peek:
     return _Peek(statement, str(compiled), binds, results)
 
 
+async def _keep(conn: asyncpg.Connection) -> None:
+    """No reset on release (asyncpg's default is a round trip): a peek changes no session
+    state, it only runs one SELECT."""
+
+
 def _dropped(conn: "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]") -> bool:
     """Whether the server closed the pooled connection that just failed."""
     try:
@@ -81,9 +87,7 @@ class PostgresDatabase(Database):
     dialect = "postgresql"
 
     def __init__(self, url: str, peek_connections: int = ENGINE_POOL_SIZE) -> None:
-        self._engine: AsyncEngine = create_async_engine(
-            url, pool_size=ENGINE_POOL_SIZE, pool_pre_ping=True
-        )
+        self._engine: AsyncEngine = create_async_engine(url, pool_size=ENGINE_POOL_SIZE)
         self._peek_connections = peek_connections
         self._pool: asyncio.Future[asyncpg.Pool] | None = None
         self._peeks: dict[int, _Peek] = {}
@@ -139,7 +143,7 @@ class PostgresDatabase(Database):
     async def _open_pool(self) -> asyncpg.Pool:
         args, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
         return await asyncpg.create_pool(
-            *args, min_size=1, max_size=self._peek_connections, **kwargs
+            *args, min_size=1, max_size=self._peek_connections, reset=_keep, **kwargs
         )
 
     async def run_outside_transaction(self, fn: Callable[[Connection], T]) -> T:
