@@ -1,14 +1,18 @@
 """PostgreSQL's own store paths: the raw-pool peek and retried concurrent writes."""
 
+import asyncio
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, Select
 
 from mailer.store import outbox
 from mailer.store.outbox import Lease
+from tests.conftest import STAFF
 from tests.harness import SinkServer
 from tests.postgres import fetch, pg_url, requires_postgres
 from tests.test_leases import campaign_rows
@@ -74,3 +78,30 @@ async def test_peek_survives_its_connections_being_killed(
             except Exception as exc:  # at most one failure: the read after the loop must work
                 print(f"first transaction after the kill failed: {exc!r}")
         assert await m.db.read(through_sqlalchemy(outbox.PROBE, params)) == expected
+
+
+async def test_racing_opt_ins_and_suppressions_all_succeed(
+    tmp_path: Path, sink: SinkServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two requests for the same new address at once: both check, both insert; the loser's
+    transaction runs again and finds the row, instead of failing with a unique violation."""
+    async with campaign_rows(tmp_path, sink, pg_url, 0) as (m, _, _cid):
+        addresses = [f"racer{i}@example.org" for i in range(8)]
+        with caplog.at_level(logging.INFO, logger="mailer.db"):
+            for address in addresses:
+                opt_ins = [m.consent.request_opt_in(address, "news", None, STAFF) for _ in "ab"]
+                assert len(await asyncio.gather(*opt_ins)) == 2
+                assert sorted(
+                    await asyncio.gather(*(m.people.suppress(address, STAFF) for _ in "ab"))
+                ) == [False, True]
+        assert "sqlstate=23505" in caplog.text  # the race did happen, and was run again
+        for address in addresses:
+            hashed = (await m.people.show(address)).email_hash
+            rows = await fetch(
+                pg_url, "SELECT count(*) FROM subscriber WHERE email_hash = $1", hashed
+            )
+            assert rows == [(1,)]
+            rows = await fetch(
+                pg_url, "SELECT reason FROM suppression WHERE email_hash = $1", hashed
+            )
+            assert rows == [("manual",)]

@@ -3,7 +3,8 @@
 * **Transactions** (``write``, ``read``) go through an asyncpg ``AsyncEngine``; the same
   synchronous store function runs through ``run_sync``. There is no pre-ping: a connection
   found dead mid-use is invalidated by SQLAlchemy (``is_disconnect``) and the pool opens a
-  new one at the next checkout, so one transaction fails and the next one works.
+  new one at the next checkout, so one transaction fails and the next one works. A write
+  that lost a race (unique violation, serialization failure, deadlock) runs again.
 * **Peeks**, the per-message consent probe right before a hand-off, skip SQLAlchemy: each
   statement is compiled once to PostgreSQL SQL with ``$n`` parameters and runs as one
   autocommit ``fetchrow`` on a raw asyncpg pool (a single SELECT's snapshot is its own; no
@@ -14,6 +15,8 @@
 """
 
 import asyncio
+import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,13 +24,20 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy import Connection, Select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mailer.store.db import ERASED_TABLES, Database, DatabaseClosed
 
 T = TypeVar("T")
+log = logging.getLogger("mailer.db")
 
 ENGINE_POOL_SIZE = 10
+WRITE_ATTEMPTS = 4
+RACES = frozenset({"23505", "40001", "40P01"})
+"""SQLSTATEs of a lost race: unique violation, serialization failure, deadlock."""
+RETRY_PAUSE = 0.005
+"""Up to this many seconds (times the attempt) of random pause before running again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +108,25 @@ class PostgresDatabase(Database):
             raise DatabaseClosed("the database is closed")
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in a transaction; run it again when it lost a race to another one.
+
+        Store functions check, then insert (``people.ensure``, ``suppression.put``): two
+        concurrent ones can both find nothing and one insert then violates a unique key. They
+        only touch the connection, so the whole function runs again, and now finds the row.
+        """
         self._check_open()
-        async with self._engine.begin() as conn:
-            return await conn.run_sync(fn, *args)
+        attempt = 1
+        while True:
+            try:
+                async with self._engine.begin() as conn:
+                    return await conn.run_sync(fn, *args)
+            except DBAPIError as exc:
+                state = getattr(exc.orig, "sqlstate", None)
+                if attempt == WRITE_ATTEMPTS or state not in RACES:
+                    raise
+                log.info("db.write_retry sqlstate=%s attempt=%d", state, attempt)
+                await asyncio.sleep(random.uniform(0, RETRY_PAUSE * attempt))
+                attempt += 1
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         self._check_open()
