@@ -24,7 +24,7 @@ from mailer.store import campaigns, outbox
 from mailer.store.db import Database
 from mailer.store.outbox import Lease, Outcome
 from mailer.transport.smtp import RelayConfig, SmtpPool
-from tests.conftest import SECRET, init_db, make_settings, seed_confirmed
+from tests.conftest import SECRET, init_db, make_settings, seed_confirmed, sqlite_only
 from tests.harness import SinkServer, wait_until
 from tests.postgres import fetch, pg_url, requires_postgres
 
@@ -39,6 +39,7 @@ def test_grant_refills_by_elapsed_time_and_takes_whole_tokens() -> None:
     assert grant(1.5, -5.0, 2.0, 2.0, 1) == (1, 0.5, 0.0)  # a clock going back adds nothing
 
 
+@sqlite_only
 async def test_second_sender_on_sqlite_is_refused(tmp_path: Path, sink: SinkServer) -> None:
     """SQLite has no leases: a second sending process would fail the first one's messages."""
     settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=sink.port)

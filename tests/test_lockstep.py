@@ -44,6 +44,8 @@ W = 1.0
 """Erase leaves no outbox row to audit: a copy to an erased person must at least have
 reached the relay within this many seconds of the answer (it was in flight already)."""
 
+TEETH_RUNS = 3
+"""Runs of the four-connection lockstep until one race goes the opt-out's way."""
 ODD_REPLY_DELAY = {SQLITE: 0.05, POSTGRESQL: 0.2}
 """Seconds the relay takes over the odd recipients' DATA with several connections. An opt-out
 takes several round trips on PostgreSQL, so connections must stay busy longer there for the
@@ -216,11 +218,27 @@ async def test_lockstep_one_connection_never_sends_after_answer(
 
 @pytest.mark.parametrize("path", list(PATHS))
 async def test_lockstep_four_connections_checked_after_answer_never_sent(
-    tmp_path: Path, sink: SinkServer, path: str
+    tmp_path: Path, path: str
 ) -> None:
-    """Four connections: a message whose consent check came after the opt-out answer never goes."""
-    lockstep, final = await run_lockstep(tmp_path, sink, path, connections=4)
-    check_checked_after_answer_never_sent(sink, path, lockstep, final)
+    """Four connections: a message whose consent check came after the opt-out answer never goes.
+
+    Whether a race goes the opt-out's way depends on timing (a loaded machine can settle every
+    one before its answer); every run is audited in full, and a new run (fresh sink and
+    database) is made until one shows the oracle has teeth, at most ``TEETH_RUNS`` times.
+    """
+    for run in range(TEETH_RUNS):
+        sink = SinkServer()
+        await sink.start()
+        try:
+            home = tmp_path / f"run{run}"
+            home.mkdir()
+            lockstep, final = await run_lockstep(home, sink, path, connections=4)
+            skipped = check_checked_after_answer_never_sent(sink, path, lockstep, final)
+        finally:
+            await sink.stop()
+        if skipped:
+            return
+    pytest.fail(f"in {TEETH_RUNS} runs no race went the opt-out's way: the oracle has no teeth")
 
 
 @requires_postgres
@@ -232,14 +250,15 @@ async def test_lockstep_four_workers_on_postgres(
     lockstep, final = await run_lockstep(
         tmp_path, sink, path, connections=1, workers=4, database_url=pg_url
     )
-    check_checked_after_answer_never_sent(sink, path, lockstep, final)
+    assert check_checked_after_answer_never_sent(sink, path, lockstep, final) >= 1  # has teeth
     assert len({r.owner for r in final.values() if r.status == "sent"}) >= 2  # shared work
 
 
 def check_checked_after_answer_never_sent(
     sink: SinkServer, path: str, lockstep: Lockstep, final: dict[str, Row]
-) -> None:
-    """No opted-out recipient whose check came after the answer was sent; at least one skip."""
+) -> int:
+    """No opted-out recipient whose check came after the answer was sent; returns how many
+    opted-out recipients were skipped (the races that went the opt-out's way)."""
     sent_to = copies(sink)
     assert lockstep.errors == []
     assert sorted(lockstep.answered) == sorted(ODD)
@@ -266,4 +285,4 @@ def check_checked_after_answer_never_sent(
             skipped += 1
         if row.checked_at is not None and row.checked_at > answered_at:
             assert row.status != "sent" and sent_to[email] == 0, email
-    assert skipped >= 1  # the race went the opt-out's way at least once: the oracle has teeth
+    return skipped

@@ -164,3 +164,35 @@ async def test_mailer_inbound_runs_the_listener_alone(tmp_path: Path, env: dict[
     assert proc.returncode == 0, err.decode()
     assert f"inbound mail for example.net on 127.0.0.1:{inbound}".encode() in out
     assert b"Traceback" not in err
+
+
+async def test_worker_serves_metrics_and_health_only(tmp_path: Path, env: dict[str, str]) -> None:
+    """`mailer worker --metrics-port` exposes /metrics and /healthz, and nothing else."""
+    await run_mailer(tmp_path, env, "init")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *MAILER, "worker", "--metrics-port", str(port), cwd=tmp_path, env=env, stdout=PIPE,
+        stderr=PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def healthy() -> bool:
+                try:
+                    async with http.get(f"{base}/healthz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(healthy, timeout=20, what="the worker's /healthz")
+            async with http.get(f"{base}/metrics") as r:
+                assert r.status == 200
+                assert "mailer_relay_backoff_seconds" in await r.text()
+            async with http.post(f"{base}/api/v1/subscriptions", json={}) as r:
+                assert r.status == 404  # the API is serve's, not the worker's
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert f"/metrics on http://127.0.0.1:{port}" in out.decode()

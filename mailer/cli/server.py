@@ -17,7 +17,7 @@ from mailer.errors import ConfigError
 from mailer.services.setup import initialise
 from mailer.store import migrate
 from mailer.store.db import open_database
-from mailer.web.app import RedactingAccessLogger, create_app
+from mailer.web.app import RedactingAccessLogger, create_app, create_ops_app
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
@@ -125,21 +125,39 @@ def serve(
         )
 
 
-async def _work(settings: Settings) -> None:
+async def _work(settings: Settings, metrics_host: str, metrics_port: int | None) -> None:
     async with open_mailer(settings, sending=True) as mailer:
-        say(
-            "mailer worker running"
-            + (f"; mail is captured in {mailer.capture.path}/" if mailer.capture else "")
-        )
-        await _until_signal()
+        runner = None
+        if metrics_port is not None:
+            runner = web.AppRunner(create_ops_app(mailer), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, metrics_host, metrics_port).start()
+        try:
+            say(
+                "mailer worker running"
+                + (f"; /metrics on http://{metrics_host}:{metrics_port}" if runner else "")
+                + (f"; mail is captured in {mailer.capture.path}/" if mailer.capture else "")
+            )
+            await _until_signal()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
 
 
-def worker() -> None:
+def worker(
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve /metrics and /healthz on this port."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Where --metrics-port listens.")
+    ] = "127.0.0.1",
+) -> None:
     """Run the sender only (scheduler and send tasks)."""
     settings = load_settings()
     _logging()
     with contextlib.suppress(KeyboardInterrupt):
-        _run_service(_work(settings))
+        _run_service(_work(settings, metrics_host, metrics_port))
 
 
 async def _listen(settings: Settings) -> None:

@@ -112,3 +112,11 @@ def create_app(mailer: Mailer) -> web.Application:
     app.add_routes(public.routes)
     app.add_routes(ops.routes)
     return app
+
+
+def create_ops_app(mailer: Mailer) -> web.Application:
+    """Only ``/healthz`` and ``/metrics``: what a standalone ``mailer worker`` exposes."""
+    app = web.Application(middlewares=[errors, security_headers], client_max_size=1024)
+    app[MAILER] = mailer
+    app.add_routes(ops.routes)
+    return app
