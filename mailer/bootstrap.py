@@ -36,9 +36,6 @@ from mailer.transport.inbound import InboundServer
 from mailer.transport.smtp import RelayConfig, SmtpPool
 from mailer.worker import Worker
 
-PEEK_SPARE = 4
-"""Peek connections beyond one per SMTP connection (previews, API reads of the send path)."""
-
 
 @dataclass
 class Mailer:
@@ -111,7 +108,7 @@ async def open_mailer(
     with ``listening`` (and inbound mail configured), the inbound SMTP listener."""
     clock = clock or SystemClock()
     async with AsyncExitStack() as stack:
-        db = open_database(settings.database_url, settings.smtp_connections + PEEK_SPARE)
+        db = open_database(settings.database_url)
         stack.push_async_callback(db.close)
         keys = secret_keys(settings)
         secrets = await instance_secrets(db)

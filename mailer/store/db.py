@@ -64,11 +64,8 @@ class Database:
         raise NotImplementedError
 
 
-def open_database(url: str, peek_connections: int = 10) -> Database:
-    """Open the database named by a SQLAlchemy URL (sqlite or postgresql).
-
-    ``peek_connections``: at most this many concurrent peeks hold a connection (PostgreSQL).
-    """
+def open_database(url: str) -> Database:
+    """Open the database named by a SQLAlchemy URL (sqlite or postgresql)."""
     try:
         parsed = make_url(url)
     except Exception:
@@ -84,7 +81,7 @@ def open_database(url: str, peek_connections: int = 10) -> Database:
         from mailer.store.postgres import PostgresDatabase
 
         url = parsed.set(drivername="postgresql+asyncpg").render_as_string(False)
-        return PostgresDatabase(url, peek_connections)
+        return PostgresDatabase(url)
     raise ConfigError(f"setting MAILER_DATABASE_URL: unsupported database {backend!r}")
 
 
