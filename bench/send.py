@@ -983,10 +983,14 @@ async def run_postgres(o: Options) -> int:
     base = results[0][2] / results[0][0] if results and results[0][0] == 1 else None
     print(f"\nRESULT  {o.recipients:,} recipients, {o.connections} connections per worker, "
           f"sink {o.sink}, postgres")  # fmt: skip
-    print("workers  sent      messages/s  (first to last check)  vs one worker  CPU s/worker")
+    print("workers  sent      messages/s  (first to last check)  vs one worker  CPU s/worker"
+          "  CPU µs/msg")  # fmt: skip
     for count, sent, rate, cpu in results:
         ratio = f"x{rate / base:.2f}" if base else ""
-        print(f"{count:>7}  {sent:>8,}  {rate:>10,.0f}  {'':>21}  {ratio:>13}  {cpu:>6.1f}")
+        per_msg = cpu * count / sent * 1e6 if sent else 0.0
+        print(f"{count:>7}  {sent:>8,}  {rate:>10,.0f}  {'':>21}  {ratio:>13}  {cpu:>12.1f}"
+              f"  {per_msg:>10,.0f}")  # fmt: skip
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("targets (issue 6): two workers >= 1.6 x one; >= 4,000 msg/s with two workers")
     print(f"code measured: {code_state()}")
     return 0
@@ -1035,8 +1039,12 @@ async def _pg_round(
                        "--body", "november.md").split()[-1]
         )  # fmt: skip
         workers = [start_worker(cwd, env, cwd / f"worker-{i}.log") for i in range(count)]
+        profile = None if o.profile is None else o.profile.with_suffix(f".w{count}.txt")
+        profiler = None
         try:
             await asyncio.sleep(2.0)  # let them start
+            if profile is not None:  # the first worker only
+                profiler = start_profiler(workers[0].pid, profile, o.profile_rate)
             mailer_cli(cwd, env, "campaign", "send", str(campaign_id))
             started = time.perf_counter()
             while await db.fetchval(
@@ -1049,6 +1057,8 @@ async def _pg_round(
                 await asyncio.sleep(0.2)
             cpu = sum(cpu_seconds(w.pid) for w in workers) / count
         finally:
+            if profiler is not None:
+                stop_process(profiler, signal.SIGINT)
             for w in workers:
                 stop_process(w)
         sent, first, last = await db.fetchrow(
@@ -1061,6 +1071,8 @@ async def _pg_round(
     window = (last - first).total_seconds() if sent else 0.0
     rate = sent / window if window else 0.0
     print(f"  {count} worker(s): {sent:,} sent, {rate:,.0f} msg/s", flush=True)
+    if profile is not None and profile.exists():
+        print(f"  profile of worker 0 (py-spy, raw: {profile}):\n{summarise_profile(profile)}")
     return int(sent), rate, cpu
 
 

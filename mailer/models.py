@@ -149,7 +149,7 @@ class Outbox(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("campaign_id", "subscriber_id", "kind", name="uq_outbox_once"),
         Index("ix_outbox_direct", "status", "kind", "next_attempt_at"),
-        Index("ix_outbox_campaign", "campaign_id", "status", "next_attempt_at"),
+        Index("ix_outbox_campaign", "campaign_id", "status", "next_attempt_at", "id"),
         Index("ix_outbox_recipient", "subscriber_id", "kind", "created_at"),
     )
 
