@@ -216,8 +216,6 @@ async def open_mailer(
                 lease_seconds=settings.lease_seconds,
                 shared=shared,
             )
-            signer = _signer(settings)
-            stack.callback(signer.close)
             sender = Sender(
                 db,
                 pool,
@@ -227,7 +225,7 @@ async def open_mailer(
                 policy,
                 sender_identity(),
                 prefetch=2 * settings.smtp_connections,
-                signer=signer,
+                signer=_signer(settings),
                 throttle=_throttle(settings, db, clock),
             )
             scheduler = Scheduler(db, clock, sender.set_lanes, on_queued=wake_senders)

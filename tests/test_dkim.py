@@ -121,8 +121,7 @@ def test_keygen_writes_a_private_key_and_prints_its_dns_record(
     DNS[name] = record.encode()
     signer = DkimSigner(DKIM_DOMAIN, load_keys([out], ["s2026"]))
     message = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nHello\r\n"
-    assert verifies(signer.sign_now(message)) == [True]
-    signer.close()
+    assert verifies(signer.sign(message)) == [True]
     before = out.read_bytes()
     assert main([*argv, "--domain", DKIM_DOMAIN, "--out", str(out)]) != 0
     assert out.read_bytes() == before

@@ -407,7 +407,7 @@ def dkim_footer_settings(tmp_path: Path, **overrides: str) -> tuple[Settings, di
 def signed_by(tmp_path: Path, settings: Settings) -> bytes:
     """A composed message signed by the mailer's own signer with the configured key files."""
     keys = load_keys(settings.dkim_key_file, settings.dkim_selector)
-    return DkimSigner(DKIM_DOMAIN, keys).sign_now(message_bytes())
+    return DkimSigner(DKIM_DOMAIN, keys).sign(message_bytes())
 
 
 def test_dkim_check_verifies_each_signature_with_the_key_files(tmp_path: Path) -> None:
@@ -430,7 +430,7 @@ def test_dkim_check_verifies_each_signature_with_the_key_files(tmp_path: Path) -
     assert row.status == "fail" and row.detail.startswith("announcement: DKIM s=rsasel")
 
     one = DkimSigner(DKIM_DOMAIN, load_keys(settings.dkim_key_file[:1], SELECTORS[:1]))
-    assert dkim_problems(one.sign_now(message_bytes()), settings, keys) == [
+    assert dkim_problems(one.sign(message_bytes()), settings, keys) == [
         "no DKIM signature for selector ed25519sel"
     ]
     assert dkim_problems(message_bytes(), settings, keys) == ["no DKIM-Signature"]

@@ -33,16 +33,11 @@ class MailTransport(Protocol):
 
 
 class Signer(Protocol):
-    async def sign(self, data: bytes) -> bytes:
+    def sign(self, data: bytes) -> bytes:
         """The message with its signature header(s) prepended."""
         ...
 
-    def close(self) -> None: ...
-
 
 class NoSigner:
-    async def sign(self, data: bytes) -> bytes:
+    def sign(self, data: bytes) -> bytes:
         return data
-
-    def close(self) -> None:
-        pass

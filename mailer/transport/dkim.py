@@ -6,12 +6,10 @@ canonicalises (relaxed/relaxed) and hashes the header fields exactly as its veri
 in ``h=`` once more than it occurs, so none of them can be added after signing.
 """
 
-import asyncio
 import base64
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +102,10 @@ def new_private_key(algorithm: str) -> bytes:
     )
 
 
+def _signature_header(value: bytes, signature: bytes) -> bytes:
+    return b"DKIM-Signature:" + value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
+
+
 def _fold_b64(value: bytes) -> bytes:
     return b"\r\n ".join(value[i : i + 72] for i in range(0, len(value), 72))
 
@@ -111,8 +113,9 @@ def _fold_b64(value: bytes) -> bytes:
 class DkimSigner:
     """Prepends one DKIM-Signature per key (two keys: dual RSA + Ed25519 signing).
 
-    ``sign`` runs in a thread of its own: OpenSSL releases the GIL while it makes the
-    signature (most of the cost with RSA), so that part overlaps with the event loop.
+    Signing runs inline on the event loop. Handing the RSA operation (OpenSSL releases the
+    GIL) or the whole of ``sign`` to a thread measured slower here (647 and 683 against 764
+    messages/s): each hand-off costs more in GIL traffic than the overlap gains.
     """
 
     def __init__(
@@ -121,17 +124,17 @@ class DkimSigner:
         self._domain = domain.encode("ascii")
         self._keys = list(keys)
         self._clock = clock
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailer-dkim")
 
-    async def sign(self, data: bytes) -> bytes:
-        """``data`` with the DKIM-Signature header(s) prepended, signed off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self.sign_now, data)
+    def sign(self, data: bytes) -> bytes:
+        """``data`` with the DKIM-Signature header(s) prepended."""
+        signatures = [
+            _signature_header(value, key.sign_digest(digest))
+            for key, value, digest in self._prepare(data)
+        ]
+        return b"".join(signatures) + data
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-
-    def sign_now(self, data: bytes) -> bytes:
-        """``data`` with the DKIM-Signature header(s) prepended, signed in the calling thread."""
+    def _prepare(self, data: bytes) -> list[tuple[DkimKey, bytes, bytes]]:
+        """Per key: the header value up to ``b=`` and the digest its signature is made over."""
         headers, body = dkim.rfc822_parse(data)
         body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
         present: dict[bytes, int] = {}
@@ -143,14 +146,9 @@ class DkimSigner:
             include.extend([raw] * (present.get(raw, 0) + 1))
         canonical = _POLICY.canonicalize_headers(headers)
         stamp = str(int(self._clock())).encode("ascii")
-        signatures = []
-        for key in self._keys:
-            value, digest = self._unsigned(key, canonical, include, body_hash, stamp)
-            signature = key.sign_digest(digest)
-            signatures.append(
-                b"DKIM-Signature:" + value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
-            )
-        return b"".join(signatures) + data
+        return [
+            (key, *self._unsigned(key, canonical, include, body_hash, stamp)) for key in self._keys
+        ]
 
     def _unsigned(
         self,
