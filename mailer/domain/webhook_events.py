@@ -6,14 +6,13 @@ batch is checked here before anything is applied; a problem names the event by i
 Addresses are checked by the caller (``parse_address``), which turns them into identities.
 """
 
-import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from mailer.domain.feedback import Feedback, FeedbackKind
-from mailer.errors import InvalidInput
+from mailer.domain.json_body import dotted, validated
 from mailer.statuses import Channel
 
 MAX_EVENTS = 100
@@ -65,17 +64,7 @@ class RelayEvent:
 
 def parse_events(raw: bytes) -> list[RelayEvent]:
     """The events of a webhook body; ``InvalidInput`` naming the first bad event otherwise."""
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body must be a JSON object")
-    try:
-        batch = _Batch.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InvalidInput(f"{_where(first['loc'])}: {first['msg']}") from None
+    batch = validated(raw, _Batch, _where)
     return [_event(e) for e in batch.events]
 
 
@@ -93,4 +82,4 @@ def _where(loc: tuple[int | str, ...]) -> str:
     """
     if len(loc) >= 2 and loc[0] == "events" and isinstance(loc[1], int):
         return ".".join([f"events[{loc[1]}]", *(str(p) for p in loc[3:])])
-    return ".".join(str(p) for p in loc) or "body"
+    return dotted(loc)

@@ -1,12 +1,11 @@
 """The JSON API for other services: opt-in and opt-out by address, with bearer keys."""
 
 import ipaddress
-import json
-from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mailer.domain.json_body import M, validated
 from mailer.domain.ledger import Evidence
 from mailer.errors import InvalidInput, RateLimited
 from mailer.statuses import Channel
@@ -21,7 +20,6 @@ from mailer.web.context import (
 from mailer.web.openapi import SPEC
 
 routes = web.RouteTableDef()
-M = TypeVar("M", bound=BaseModel)
 MAX_BODY = 16 * 1024
 
 
@@ -60,19 +58,7 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raise too_large from None
     if len(raw) > MAX_BODY:  # a chunked body has no Content-Length to check up front
         raise too_large
-    try:
-        # JSON is UTF-8 (RFC 8259): a charset parameter is ignored, not looked up.
-        data: Any = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidInput(f"{where}: {first['msg']}") from None
+    return validated(raw, model)
 
 
 async def _authorised(request: web.Request) -> ApiKeyRow:
