@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
+import aiohttp
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, syntax
 
@@ -282,6 +283,19 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def wait_healthy(http: aiohttp.ClientSession, base: str, what: str) -> None:
+    """Wait until the mailer process at ``base`` answers ``/healthz`` with 200 and ``ok``."""
+
+    async def healthy() -> bool:
+        try:
+            async with http.get(f"{base}/healthz") as r:
+                return r.status == 200 and (await r.json())["status"] == "ok"
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(healthy, timeout=20, what=what)
 
 
 def snapshot(db: Db) -> dict[str, list[tuple[Any, ...]]]:

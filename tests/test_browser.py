@@ -32,7 +32,7 @@ import pytest_asyncio
 
 from tests.conftest import links
 from tests.databases import active
-from tests.harness import Captured, query, wait_until
+from tests.harness import Captured, query, wait_healthy, wait_until
 
 CHROMIUM = shutil.which("chromium")
 REQUIRED = os.environ.get("BROWSER_TESTS") == "required"
@@ -179,15 +179,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
                 *MAILER, "serve", cwd=root, env=env, stdout=sink, stderr=sink
             )
         try:
-
-            async def healthy() -> bool:
-                try:
-                    async with http.get(f"{s.base}/healthz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(healthy, timeout=20, what="mailer serve /healthz")
+            await wait_healthy(http, s.base, "mailer serve /healthz")
             yield s
         finally:
             if proc.returncode is None:

@@ -28,7 +28,7 @@ from mailer.bootstrap import Mailer, open_mailer
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.store.outbox import INTERRUPTED
 from tests.conftest import SECRET, init_db, make_settings, seed_confirmed
-from tests.harness import SinkServer, wait_until
+from tests.harness import SinkServer, wait_healthy, wait_until
 from tests.postgres import fetch, pg_url, requires_postgres
 
 __all__ = ["pg_url"]
@@ -209,15 +209,7 @@ async def test_unsubscribes_and_opt_ins_while_four_workers_send(
         w.procs.append(w.spawn("serve", ["serve", "--no-worker"], env))  # stopped with them
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
-
-            async def healthy() -> bool:
-                try:
-                    async with http.get(f"{base}/healthz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(healthy, timeout=20, what="serve to answer")
+            await wait_healthy(http, base, "serve to answer")
             await m.campaigns.send(cid)
             await wait_until(
                 lambda: sum(len(s.messages) for s in w.sinks) >= 100, timeout=20, what="sending"

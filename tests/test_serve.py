@@ -15,7 +15,7 @@ import aiohttp
 import aiosmtplib
 import pytest
 
-from tests.harness import wait_until
+from tests.harness import wait_healthy, wait_until
 
 pytestmark = pytest.mark.slow
 MAILER = [sys.executable, "-m", "mailer.cli.main"]
@@ -53,15 +53,7 @@ async def test_serve_on_embedded_defaults(tmp_path: Path, env: dict[str, str]) -
     base = f"http://127.0.0.1:{env['MAILER_HTTP_PORT']}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def healthy() -> bool:
-                try:
-                    async with http.get(f"{base}/healthz") as r:
-                        return r.status == 200 and (await r.json())["status"] == "ok"
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(healthy, timeout=20, what="/healthz")
+            await wait_healthy(http, base, "/healthz")
             async with http.post(
                 f"{base}/api/v1/subscriptions",
                 json={"email": "new@example.org", "list": "news"},
@@ -177,15 +169,7 @@ async def test_worker_serves_metrics_and_health_only(tmp_path: Path, env: dict[s
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def healthy() -> bool:
-                try:
-                    async with http.get(f"{base}/healthz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_until(healthy, timeout=20, what="the worker's /healthz")
+            await wait_healthy(http, base, "the worker's /healthz")
             async with http.get(f"{base}/metrics") as r:
                 assert r.status == 200
                 assert "mailer_relay_backoff_seconds" in await r.text()
