@@ -92,6 +92,17 @@ def mailer_env(home: Path) -> dict[str, str]:
     }
 
 
+def sending_env(home: Path, sink: SinkServer) -> dict[str, str]:
+    """``mailer_env`` for a mailer that sends to ``sink`` over ``CONNECTIONS`` connections."""
+    return {
+        **mailer_env(home),
+        "MAILER_SMTP_HOST": "127.0.0.1",
+        "MAILER_SMTP_PORT": str(sink.port),
+        "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
+        "MAILER_WORKER_POLL_SECONDS": "0.05",
+    }
+
+
 def copy_home(template: Path, home: Path) -> None:
     """A copy of an installation's var/ and database; the copy is independent."""
     ignore = shutil.ignore_patterns("mailer.db*")
@@ -313,13 +324,7 @@ async def test_kill_9_mid_campaign_then_restart(
     cid = population.campaign_id
     hook = DataHook()
     sink.before_data_reply = hook
-    env = {
-        **mailer_env(tmp_path),
-        "MAILER_SMTP_HOST": "127.0.0.1",
-        "MAILER_SMTP_PORT": str(sink.port),
-        "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
-        "MAILER_WORKER_POLL_SECONDS": "0.05",
-    }
+    env = sending_env(tmp_path, sink)
     first = Serve(tmp_path, env, tmp_path / "serve-1.log")
     second = Serve(tmp_path, env, tmp_path / "serve-2.log")
     try:
@@ -585,13 +590,7 @@ async def test_kill_9_mid_announcement_then_restart(
     version = "2026-crash"
     hook = GatedHook()
     sink.before_data_reply = hook
-    env = {
-        **mailer_env(tmp_path),
-        "MAILER_SMTP_HOST": "127.0.0.1",
-        "MAILER_SMTP_PORT": str(sink.port),
-        "MAILER_SMTP_CONNECTIONS": str(CONNECTIONS),
-        "MAILER_WORKER_POLL_SECONDS": "0.05",
-    }
+    env = sending_env(tmp_path, sink)
     first = Serve(tmp_path, env, tmp_path / "serve-1.log")
     second = Serve(tmp_path, env, tmp_path / "serve-2.log")
     try:
