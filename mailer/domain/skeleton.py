@@ -49,23 +49,32 @@ def _pattern(text: str) -> re.Pattern[bytes]:
 class Skeleton:
     """A flattened message with holes; ``fill`` makes one recipient's copy."""
 
-    def __init__(self, segments: list[Segment], fixed: Mapping[str, int]) -> None:
+    def __init__(
+        self, segments: list[Segment], fixed: Mapping[str, int], placeholders: Mapping[str, str]
+    ) -> None:
         self.segments = tuple(segments)
         self.fixed = dict(fixed)
+        self.placeholders = {name: text.encode("ascii") for name, text in placeholders.items()}
+        """What each slot held in the prototype: ``fill(placeholders)`` gives it back."""
 
     @classmethod
     def split(
-        cls, prototype: bytes, placeholders: Mapping[str, str], fixed: Mapping[str, int]
+        cls,
+        prototype: bytes,
+        placeholders: Mapping[str, str],
+        fixed: Mapping[str, int],
+        *,
+        every: bool = True,
     ) -> "Skeleton":
         """Cut ``prototype`` at every occurrence of each placeholder.
 
         ``fixed`` names the slots whose values must keep the placeholder's length (those that
-        appear inside encoded bodies). Every placeholder must occur at least once.
+        appear inside encoded bodies). With ``every``, each placeholder must occur at least once.
         """
         spans: list[tuple[int, int, str]] = []
         for name, text in placeholders.items():
             found = [(m.start(), m.end(), name) for m in _pattern(text).finditer(prototype)]
-            if not found:
+            if not found and every:
                 raise ValueError(f"placeholder for {name!r} does not occur in the message")
             spans.extend(found)
         spans.sort()
@@ -80,7 +89,7 @@ class Skeleton:
             at = end
         if at < len(prototype):
             segments.append(prototype[at:])
-        return cls(segments, fixed)
+        return cls(segments, fixed, placeholders)
 
     def fits(self, values: Mapping[str, bytes]) -> bool:
         """True when every fixed-length slot gets a value of exactly its length."""
@@ -92,6 +101,15 @@ class Skeleton:
             seg if isinstance(seg, bytes) else values[seg.name][seg.start : seg.end]
             for seg in self.segments
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """How a message was made: ``skeleton.fill(values)``. Work done once per skeleton (a DKIM
+    signer's canonical forms) can be reused for every copy."""
+
+    skeleton: Skeleton
+    values: Mapping[str, bytes]
 
 
 def _cuts(matched: bytes, name: str) -> list[Segment]:

@@ -9,7 +9,7 @@ from markupsafe import Markup
 
 from mailer.domain.compose import Envelope, Rendered, compose, list_id_header
 from mailer.domain.inbound import InboundAddresses
-from mailer.domain.skeleton import Skeleton, placeholder
+from mailer.domain.skeleton import Filled, Skeleton, placeholder
 from mailer.domain.tokens import LinkClaim, TokenCodec
 from mailer.render import Renderer
 from mailer.services.ports import Clock
@@ -35,6 +35,8 @@ class Built:
     smtputf8: bool
     sender: str
     """The envelope sender (MAIL FROM): the VERP bounce address when inbound mail is on."""
+    filled: Filled | None = None
+    """How ``data`` was made from the campaign's skeleton, when it was."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,8 @@ class MessageFactory:
             if mailto is not None:
                 values["mailto"] = mailto.encode("ascii")
             if prepared.skeleton.fits(values):
-                return Built(prepared.skeleton.fill(values), smtputf8, envelope_sender)
+                filled = Filled(prepared.skeleton, values)
+                return Built(prepared.skeleton.fill(values), smtputf8, envelope_sender, filled)
         rendered = self._render_campaign(campaign, unsubscribe)
         name, slug = self._identity(campaign)
         envelope = self._envelope(m, prepared.sender, name, slug, unsubscribe)

@@ -5,6 +5,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Protocol
 
+from mailer.domain.skeleton import Filled
 from mailer.transport.outcomes import Outcome
 
 
@@ -33,11 +34,15 @@ class MailTransport(Protocol):
 
 
 class Signer(Protocol):
-    def sign(self, data: bytes) -> bytes:
-        """The message with its signature header(s) prepended."""
+    def sign(self, data: bytes, filled: Filled | None = None) -> bytes:
+        """The message with its signature header(s) prepended.
+
+        ``filled``, when given, is how ``data`` was made from a skeleton: a signer may reuse
+        work it did once for that skeleton, and must give the same signature as without it.
+        """
         ...
 
 
 class NoSigner:
-    def sign(self, data: bytes) -> bytes:
+    def sign(self, data: bytes, filled: Filled | None = None) -> bytes:
         return data

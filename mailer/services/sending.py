@@ -305,7 +305,7 @@ class Sender:
         """The message and its signed bytes; or, when it cannot be built, the failure reason."""
         try:
             built = await self._build(message)
-            return built, self._signer.sign(built.data)
+            return built, self._signer.sign(built.data, built.filled)
         except MissingUnsubscribe as exc:
             return f"not sent: {exc.message}"
         except Exception as exc:  # a bug or a broken template: nothing has left the machine

@@ -1,15 +1,28 @@
 """DKIM signing (RFC 6376, Ed25519 per RFC 8463): dkimpy canonicalises, OpenSSL signs.
 
 dkimpy's own RSA is pure Python (about 6 ms a signature); here dkimpy parses the message,
-canonicalises (relaxed/relaxed) and hashes the header fields exactly as its verifier will, and
-``cryptography`` makes the signature over that hash. Every header named in ``SIGNED`` is listed
+canonicalises (relaxed/relaxed) and selects the header fields exactly as its verifier will, and
+``cryptography`` makes the signature over their hash. Every header named in ``SIGNED`` is listed
 in ``h=`` once more than it occurs, so none of them can be added after signing.
+
+**Campaign copies are canonicalised once per skeleton.** Relaxed canonicalisation only touches
+whitespace: it unfolds header lines, squeezes runs of spaces and tabs to one space, and drops
+them at the ends of header values and of body lines (and empty lines at the end of the body).
+A slot value that is not empty, holds no CR, LF, tab, vertical tab or form feed, no two spaces
+in a row and no space at either end is left alone by all of that, and cannot make any of it
+apply around itself. So the canonical form of a copy is the canonical form of the skeleton's
+prototype with the values filled in: dkimpy canonicalises the prototype once, and each copy is a
+byte join and two SHA-256 passes. A copy with any other value, or a skeleton whose plan fails
+its own check, is canonicalised in full.
 """
 
 import base64
 import hashlib
+import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy
 
+from mailer.domain.skeleton import Filled, Skeleton
 from mailer.errors import ConfigError
 
 SIGNED = (
@@ -39,6 +53,14 @@ SIGNED = (
 _POLICY = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = utils.Prehashed(hashes.SHA256())
+_CANON_CHANGES = re.compile(rb"[\t\n\v\f\r]|  |^ | $")
+"""What relaxed canonicalisation could change in or around a slot value (besides emptiness)."""
+_CHECK_SWAP = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+    b"NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm5678901234",
+)
+
+log = logging.getLogger("mailer.dkim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +132,76 @@ def _fold_b64(value: bytes) -> bytes:
     return b"\r\n ".join(value[i : i + 72] for i in range(0, len(value), 72))
 
 
+@dataclass(frozen=True, slots=True)
+class _Canonical:
+    """What the signatures of one message are made over, but for their own header."""
+
+    include: list[bytes]
+    """``h=``: each name in ``SIGNED`` once more than the message has it."""
+    headers: bytes
+    """The selected header fields, canonicalised and concatenated (RFC 6376 section 3.7)."""
+    body: bytes
+    """The canonical body."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A skeleton's ``_Canonical``, with the slots left open."""
+
+    include: list[bytes]
+    headers: Skeleton
+    body: Skeleton
+
+    def fill(self, values: Mapping[str, bytes]) -> _Canonical:
+        return _Canonical(self.include, self.headers.fill(values), self.body.fill(values))
+
+
+def _canonical(data: bytes) -> _Canonical:
+    """dkimpy's parse, relaxed canonicalisation and header selection of a whole message."""
+    headers, body = dkim.rfc822_parse(data)
+    present: dict[bytes, int] = {}
+    for name, _ in headers:
+        present[name.lower()] = present.get(name.lower(), 0) + 1
+    include: list[bytes] = []
+    for name in SIGNED:
+        raw = name.encode("ascii")
+        include.extend([raw] * (present.get(raw, 0) + 1))
+    selected = dkim.select_headers(_POLICY.canonicalize_headers(headers), include)
+    return _Canonical(
+        include,
+        b"".join(name + b":" + value for name, value in selected),
+        _POLICY.canonicalize_body(body),
+    )
+
+
+def _keeps_canonical(value: bytes) -> bool:
+    return bool(value) and _CANON_CHANGES.search(value) is None
+
+
+def _plan(skeleton: Skeleton) -> _Plan | None:
+    """Canonicalise the skeleton's prototype once; None if the result fails its own check.
+
+    The check fills the plan with stand-in values (each placeholder with its letters and digits
+    rotated: same length, same shape) and compares with canonicalising that copy in full. A
+    slot occurrence that canonicalisation had altered would be missed by the plan's split and
+    show up as a difference here.
+    """
+    placeholders = {name: text.decode("ascii") for name, text in skeleton.placeholders.items()}
+    whole = _canonical(skeleton.fill(skeleton.placeholders))
+    plan = _Plan(
+        whole.include,
+        Skeleton.split(whole.headers, placeholders, {}, every=False),
+        Skeleton.split(whole.body, placeholders, {}, every=False),
+    )
+    stand_ins = {name: text.translate(_CHECK_SWAP) for name, text in skeleton.placeholders.items()}
+    if all(map(_keeps_canonical, stand_ins.values())) and plan.fill(stand_ins) == _canonical(
+        skeleton.fill(stand_ins)
+    ):
+        return plan
+    log.warning("dkim.plan_refused (canonicalising every copy of this campaign in full)")
+    return None
+
+
 class DkimSigner:
     """Prepends one DKIM-Signature per key (two keys: dual RSA + Ed25519 signing).
 
@@ -124,47 +216,43 @@ class DkimSigner:
         self._domain = domain.encode("ascii")
         self._keys = list(keys)
         self._clock = clock
+        self._plans: weakref.WeakKeyDictionary[Skeleton, _Plan | None] = weakref.WeakKeyDictionary()
 
-    def sign(self, data: bytes) -> bytes:
-        """``data`` with the DKIM-Signature header(s) prepended."""
-        signatures = [
-            _signature_header(value, key.sign_digest(digest))
-            for key, value, digest in self._prepare(data)
-        ]
+    def sign(self, data: bytes, filled: Filled | None = None) -> bytes:
+        """``data`` with the DKIM-Signature header(s) prepended.
+
+        ``filled`` (how ``data`` was made from a skeleton) lets the canonical form come from
+        the skeleton's plan; the signature is the same either way.
+        """
+        canonical = self._from_plan(filled) if filled is not None else None
+        if canonical is None:
+            canonical = _canonical(data)
+        body_hash = base64.b64encode(hashlib.sha256(canonical.body).digest())
+        stamp = str(int(self._clock())).encode("ascii")
+        signatures = []
+        for key in self._keys:
+            value = self._unsigned(key, canonical.include, body_hash, stamp)
+            hasher: Any = hashlib.sha256(canonical.headers)
+            dkim.hash_headers(hasher, _POLICY, [], [], (b"DKIM-Signature", value), None)
+            signatures.append(_signature_header(value, key.sign_digest(hasher.digest())))
         return b"".join(signatures) + data
 
-    def _prepare(self, data: bytes) -> list[tuple[DkimKey, bytes, bytes]]:
-        """Per key: the header value up to ``b=`` and the digest its signature is made over."""
-        headers, body = dkim.rfc822_parse(data)
-        body_hash = base64.b64encode(hashlib.sha256(_POLICY.canonicalize_body(body)).digest())
-        present: dict[bytes, int] = {}
-        for name, _ in headers:
-            present[name.lower()] = present.get(name.lower(), 0) + 1
-        include: list[bytes] = []
-        for name in SIGNED:
-            raw = name.encode("ascii")
-            include.extend([raw] * (present.get(raw, 0) + 1))
-        canonical = _POLICY.canonicalize_headers(headers)
-        stamp = str(int(self._clock())).encode("ascii")
-        return [
-            (key, *self._unsigned(key, canonical, include, body_hash, stamp)) for key in self._keys
-        ]
+    def _from_plan(self, filled: Filled) -> _Canonical | None:
+        if not all(map(_keeps_canonical, filled.values.values())):
+            return None
+        try:
+            plan = self._plans[filled.skeleton]
+        except KeyError:
+            plan = self._plans[filled.skeleton] = _plan(filled.skeleton)
+        return None if plan is None else plan.fill(filled.values)
 
     def _unsigned(
-        self,
-        key: DkimKey,
-        canonical: list[tuple[bytes, bytes]],
-        include: list[bytes],
-        body_hash: bytes,
-        stamp: bytes,
-    ) -> tuple[bytes, bytes]:
-        """The header value up to ``b=``, and the SHA-256 of the signed header data."""
+        self, key: DkimKey, include: list[bytes], body_hash: bytes, stamp: bytes
+    ) -> bytes:
+        """The DKIM-Signature header value up to ``b=``."""
         h_lines = b":\r\n\t".join(b":".join(include[i : i + 4]) for i in range(0, len(include), 4))
-        value = (
+        return (
             b" v=1; a=" + key.algorithm.encode("ascii") + b"; c=relaxed/relaxed; d=" + self._domain
             + b"; s=" + key.selector.encode("ascii") + b"; t=" + stamp + b";\r\n\th=" + h_lines
             + b";\r\n\tbh=" + body_hash + b";\r\n\tb="
         )  # fmt: skip
-        hasher: Any = hashlib.sha256()
-        dkim.hash_headers(hasher, _POLICY, canonical, include, (b"DKIM-Signature", value), None)
-        return value, hasher.digest()
