@@ -5,6 +5,7 @@ import email.policy
 import html
 import re
 import shutil
+import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -25,9 +26,15 @@ from mailer.domain.compose import (
 )
 from mailer.domain.consent import OptInOutcome
 from mailer.domain.ledger import Evidence
+from mailer.domain.tokens import TokenCodec
 from mailer.errors import InvalidAddress, InvalidInput, MissingUnsubscribe
+from mailer.render import Renderer
+from mailer.services.messages import MessageConfig, MessageFactory
+from mailer.statuses import MessageKind
+from mailer.store.campaigns import CampaignRow
+from mailer.store.outbox import Claimed
 from tests.conftest import BASE_URL, init_db, links, make_settings, path_of
-from tests.harness import Captured, SinkServer, query, wait_until
+from tests.harness import Captured, MutableClock, SinkServer, query, wait_until
 
 EVIDENCE = Evidence(channel="api", actor="tests")
 ORG = {
@@ -303,3 +310,39 @@ async def test_list_name_is_escaped_in_html_and_raw_in_text(
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co" in page
     assert name in text
     assert msg["Subject"] == f"Confirm your subscription to {name}"
+
+
+def test_each_copy_is_dated_when_it_is_built() -> None:
+    """The Date header is formatted once a second, yet every copy carries its own second."""
+    clock = MutableClock()
+    factory = MessageFactory(
+        Renderer(
+            PACKAGE_TEMPLATES,
+            {
+                "org_name": "Org",
+                "org_address": "1 Street",
+                "privacy_contact": "p@example.org",
+                "base_url": BASE_URL,
+            },
+        ),
+        TokenCodec(["k" * 32], clock=time.time),
+        clock,
+        MessageConfig(BASE_URL, "news@example.org", "test"),
+    )
+    campaign = CampaignRow(
+        1, 1, "news", "News", "u" * 32, None, "Hello", "Body", "campaign", "running", None, True,
+        clock.now(), clock.now(), None,
+    )  # fmt: skip
+    row = Claimed(
+        1, MessageKind.CAMPAIGN, 0, "a@example.org", "h" * 32, None, "u" * 32, "news", "News",
+        None, clock.now(), 1, 1,
+    )  # fmt: skip
+    dates = []
+    for step in (0.0, 0.4, 0.7, 5.0):
+        clock.advance(step)
+        message = email.message_from_bytes(factory.campaign(row, campaign).data)
+        dates.append(message["Date"])
+        assert email.utils.parsedate_to_datetime(message["Date"]) == clock.now().replace(
+            microsecond=0
+        )
+    assert len(set(dates)) >= 2

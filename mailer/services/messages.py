@@ -3,6 +3,7 @@
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import format_datetime
 
 from markupsafe import Markup
@@ -67,6 +68,14 @@ class MessageFactory:
         self._config = config
         self._inbound = inbound
         self._prepared: OrderedDict[tuple[object, ...], _Prepared] = OrderedDict()
+        self._date_of: tuple[datetime, str] | None = None
+
+    def _date(self) -> str:
+        """The Date header for now; formatted once a second (it has no finer resolution)."""
+        second = self._clock.now().replace(microsecond=0)
+        if self._date_of is None or self._date_of[0] != second:
+            self._date_of = (second, format_datetime(second))
+        return self._date_of[1]
 
     def unsubscribe_url(self, subject_hash: str, list_uid: str | None) -> str:
         token = self._codec.unsubscribe_token(LinkClaim(subject_hash, list_uid))
@@ -96,7 +105,7 @@ class MessageFactory:
             list_id=list_id_header(list_name, list_slug, domain),
             unsubscribe_url=unsubscribe,
             message_id=f"<{self._message_id_left(m)}@{domain}>",
-            date=format_datetime(self._clock.now()),
+            date=self._date(),
             smtputf8=not (m.email.isascii() and sender.isascii()),
             unsubscribe_mailto=self._mailto(m),
         )
@@ -128,7 +137,7 @@ class MessageFactory:
             values = {
                 "to": m.email.encode("utf-8"),
                 "mid": self._message_id_left(m).encode("ascii"),
-                "date": format_datetime(self._clock.now()).encode("ascii"),
+                "date": self._date().encode("ascii"),
                 "unsub": unsubscribe.encode("ascii"),
             }
             mailto = self._mailto(m)
