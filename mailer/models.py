@@ -6,8 +6,10 @@ types to migrate); ``mailer.statuses`` holds the only values code writes.
 
 from datetime import date, datetime
 
-from sqlalchemy import Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import Column, Index, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+from mailer.statuses import MessageKind, OutboxStatus
 
 SQLModel.metadata.naming_convention = {
     "ix": "ix_%(column_0_label)s",
@@ -142,6 +144,14 @@ class PolicyVersion(SQLModel, table=True):
     campaign_id: int | None = Field(default=None, foreign_key="campaign.id", ondelete="SET NULL")
 
 
+DIRECT_LANE_DUE = (
+    f"status = '{OutboxStatus.QUEUED.value}' AND kind IN "
+    f"('{MessageKind.CONFIRM.value}', '{MessageKind.PREVIEW.value}')"
+)
+"""The direct lane's queued rows (confirmation requests, previews), spelled with literals so
+that a claim written the same way provably matches the partial index over them."""
+
+
 class Outbox(SQLModel, table=True):
     """One message to one person: the unit the sender claims, checks, sends and records."""
 
@@ -149,6 +159,13 @@ class Outbox(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("campaign_id", "subscriber_id", "kind", name="uq_outbox_once"),
         Index("ix_outbox_direct", "status", "kind", "next_attempt_at"),
+        Index(
+            "ix_outbox_direct_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text(DIRECT_LANE_DUE),
+            sqlite_where=text(DIRECT_LANE_DUE),
+        ),
         Index("ix_outbox_campaign", "campaign_id", "status", "next_attempt_at", "id"),
         Index("ix_outbox_recipient", "subscriber_id", "kind", "created_at"),
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Select
+from sqlalchemy import Connection, Select, String, func, select
 
 from mailer.store import outbox
 from mailer.store.outbox import Lease
@@ -52,6 +52,39 @@ async def test_peek_returns_what_the_sqlalchemy_path_returns(
                 assert moment.tzinfo == UTC
             assert 25 < (timed[6] - timed[7]).total_seconds() <= 30
         assert await m.db.peek(outbox.PROBE, {"oid": 10**9}) is None
+
+
+async def test_peeks_run_generic_plans(tmp_path: Path, sink: SinkServer, pg_url: str) -> None:
+    """The probe is looked up by primary key: its connections plan it once, not per message
+    (a custom plan at every bind cost more server CPU than running it)."""
+    async with campaign_rows(tmp_path, sink, pg_url, 0) as (m, _, _cid):
+        mode = select(func.current_setting("plan_cache_mode", type_=String))
+        assert await m.db.peek(mode, {}) == ("force_generic_plan",)
+        assert await m.db.read(through_sqlalchemy(mode, {})) != ("force_generic_plan",)
+
+
+async def test_the_direct_lane_claim_reads_only_the_direct_lane_index(
+    tmp_path: Path, sink: SinkServer, pg_url: str
+) -> None:
+    """With a campaign's rows queued and no statistics yet (just after a fan-out), the direct
+    lane's claim, as the claim runs it, uses the partial index over that lane (without it,
+    PostgreSQL read every queued campaign row to find none)."""
+    async with campaign_rows(tmp_path, sink, pg_url, 500) as (m, _, _cid):
+
+        def plan(conn: Connection) -> str:
+            compiled = outbox.claim_statement(None, conn).compile(
+                dialect=conn.dialect, compile_kwargs={"render_postcompile": True}
+            )
+            params = {"now": datetime.now(UTC), "limit": 16, "cid": None}
+            rows = conn.exec_driver_sql(f"EXPLAIN {compiled}", tuple(
+                compiled.construct_params(params)[name] for name in compiled.positiontup or []
+            ))  # fmt: skip
+            return "\n".join(str(r[0]) for r in rows)
+
+        shown = await m.db.read(plan)
+        assert "ix_outbox_direct_due" in shown, shown
+        lease = Lease("x", 30)
+        assert await m.db.write(outbox.claim_batch, datetime.now(UTC), [None], 16, lease) == []
 
 
 async def test_peek_survives_its_connections_being_killed(

@@ -2,8 +2,19 @@
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 
 from mailer.domain.consent import RequestHistory, may_send
 from mailer.domain.ledger import Evidence
@@ -188,8 +199,11 @@ DIRECT_KINDS = (MessageKind.CONFIRM.value, MessageKind.PREVIEW.value)
 CAMPAIGN_KINDS = (MessageKind.CAMPAIGN.value, MessageKind.ANNOUNCEMENT.value)
 _DUE_DIRECT = (
     _CANDIDATES.where(
-        outbox.c.status == OutboxStatus.QUEUED.value,
-        outbox.c.kind.in_(DIRECT_KINDS),
+        # Literals, as in the partial index ``ix_outbox_direct_due``: with bound values a
+        # planner cannot prove the index applies, and PostgreSQL read every queued campaign
+        # row to find none here (about 1 ms per claim at 20,000 queued).
+        outbox.c.status == literal_column(f"'{OutboxStatus.QUEUED.value}'"),
+        outbox.c.kind.in_([literal_column(f"'{kind}'") for kind in DIRECT_KINDS]),
         outbox.c.next_attempt_at <= bindparam("now"),
     )
     .order_by(outbox.c.next_attempt_at, outbox.c.id)
@@ -253,9 +267,7 @@ def claim(
     The selected rows cannot change before they are updated: SQLite's write lock is held
     (``BEGIN IMMEDIATE``), and PostgreSQL locks them (``FOR UPDATE SKIP LOCKED``).
     """
-    q = _DUE_DIRECT if campaign_id is None else _DUE_CAMPAIGN
-    if _locks(conn):
-        q = q.with_for_update(of=outbox, skip_locked=True)
+    q = claim_statement(campaign_id, conn)
     claimed: list[Claimed] = []
     moves: list[dict[str, object]] = []
     for r in conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all():
@@ -279,6 +291,12 @@ def claim(
     if moves:
         conn.execute(_MOVE_QUEUED, moves)
     return claimed, len(moves)
+
+
+def claim_statement(campaign_id: int | None, conn: Connection) -> Select[Any]:
+    """The SELECT a claim of this lane runs on ``conn`` (locking the rows on PostgreSQL)."""
+    q = _DUE_DIRECT if campaign_id is None else _DUE_CAMPAIGN
+    return q.with_for_update(of=outbox, skip_locked=True) if _locks(conn) else q
 
 
 def _locks(conn: Connection) -> bool:

@@ -171,8 +171,14 @@ class PostgresDatabase(Database):
 
     async def _open_pool(self) -> asyncpg.Pool:
         args, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
+        settings = {**kwargs.pop("server_settings", {}), "plan_cache_mode": "force_generic_plan"}
         return await asyncpg.create_pool(
-            *args, min_size=1, max_size=self._peek_connections, reset=_keep, **kwargs
+            *args,
+            min_size=1,
+            max_size=self._peek_connections,
+            reset=_keep,
+            server_settings=settings,
+            **kwargs,
         )
 
     async def run_outside_transaction(self, fn: Callable[[Connection], T]) -> T:
