@@ -222,7 +222,14 @@ _DUE_CAMPAIGN = (
     .limit(bindparam("limit"))
 )
 _ONE_ROW = outbox.c.id == bindparam("b_id")
-_MOVE_QUEUED = update(outbox).where(_ONE_ROW, outbox.c.status == OutboxStatus.QUEUED.value)
+_MOVE_QUEUED = (
+    update(outbox)
+    .where(
+        outbox.c.id.in_(bindparam("ids", expanding=True)),
+        outbox.c.status == OutboxStatus.QUEUED.value,
+    )
+    .values(fence=outbox.c.fence + 1)
+)
 _SENDING = (
     _ONE_ROW,
     outbox.c.status == OutboxStatus.SENDING.value,
@@ -269,28 +276,45 @@ def claim(
     """
     q = claim_statement(campaign_id, conn)
     claimed: list[Claimed] = []
-    moves: list[dict[str, object]] = []
-    for r in conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all():
+    skipped: dict[str, list[int]] = {}
+    rows = conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all()
+    for r in rows:
         kind = MessageKind(r[1])
         skip = may_send(kind, r[10], r[11], bool(r[14]))
-        moves.append(
-            {
-                "b_id": r[0],
-                "status": (OutboxStatus.SENDING if skip is None else OutboxStatus.SKIPPED).value,
-                "reason": None if skip is None else skip.value,
-                "updated_at": now,
-                "checked_at": now if skip is None else None,
-                "lease_owner": lease.owner,
-                "lease_until": until,
-                "fence": r[15] + 1,
-            }
-        )
         if skip is None:
             fields = (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13], r[15] + 1)
             claimed.append(Claimed(r[0], kind, *fields))
-    if moves:
-        conn.execute(_MOVE_QUEUED, moves)
-    return claimed, len(moves)
+        else:
+            skipped.setdefault(skip.value, []).append(r[0])
+    # One statement per outcome, not per row: every selected row is locked (or the database
+    # is), so each row's fence is the one just read and goes up by one.
+    if claimed:
+        conn.execute(
+            _MOVE_QUEUED,
+            {
+                "ids": [c.outbox_id for c in claimed],
+                "status": OutboxStatus.SENDING.value,
+                "reason": None,
+                "updated_at": now,
+                "checked_at": now,
+                "lease_owner": lease.owner,
+                "lease_until": until,
+            },
+        )
+    for reason, ids in skipped.items():
+        conn.execute(
+            _MOVE_QUEUED,
+            {
+                "ids": ids,
+                "status": OutboxStatus.SKIPPED.value,
+                "reason": reason,
+                "updated_at": now,
+                "checked_at": None,
+                "lease_owner": lease.owner,
+                "lease_until": until,
+            },
+        )
+    return claimed, len(rows)
 
 
 def claim_statement(campaign_id: int | None, conn: Connection) -> Select[Any]:
