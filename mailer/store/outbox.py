@@ -224,12 +224,12 @@ _DUE_CAMPAIGN = (
 _ONE_ROW = outbox.c.id == bindparam("b_id")
 _MOVE_QUEUED = (
     update(outbox)
-    .where(
-        outbox.c.id.in_(bindparam("ids", expanding=True)),
-        outbox.c.status == OutboxStatus.QUEUED.value,
-    )
+    .where(outbox.c.id.in_(bindparam("ids", expanding=True)))
     .values(fence=outbox.c.fence + 1)
 )
+"""Rows the same transaction just selected (and locked): by primary key alone. A ``status``
+term invited both planners, with statistics that lag a fan-out, to walk the status index
+over every queued row instead."""
 _SENDING = (
     _ONE_ROW,
     outbox.c.status == OutboxStatus.SENDING.value,
