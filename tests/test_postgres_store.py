@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Select, String, func, select
+from sqlalchemy import Connection, Select, String, func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from mailer.store import outbox
 from mailer.store.outbox import Lease
+from mailer.store.postgres import PostgresDatabase
 from tests.conftest import STAFF
 from tests.harness import SinkServer
 from tests.postgres import fetch, pg_url, requires_postgres
@@ -85,6 +87,21 @@ async def test_the_direct_lane_claim_reads_only_the_direct_lane_index(
         assert "ix_outbox_direct_due" in shown, shown
         lease = Lease("x", 30)
         assert await m.db.write(outbox.claim_batch, datetime.now(UTC), [None], 16, lease) == []
+
+
+async def test_close_ends_connections_still_in_use(pg_url: str) -> None:
+    """Closing the database ends a connection a task still holds (the pool cannot: it is not
+    checked in), instead of leaving it to the garbage collector after the loop has gone."""
+    db = PostgresDatabase(pg_url)
+
+    def slow(conn: Connection) -> None:
+        conn.execute(text("SELECT pg_sleep(5)"))
+
+    running = asyncio.ensure_future(db.read(slow))
+    await asyncio.sleep(0.3)
+    await db.close()
+    with pytest.raises(DBAPIError):
+        await asyncio.wait_for(running, 2)  # not the 5 s of the sleep
 
 
 async def test_peek_survives_its_connections_being_killed(

@@ -135,9 +135,12 @@ async def test_four_workers_killed_and_frozen_send_each_recipient_at_most_once(
     """SIGKILLs every ~2 s (restarted at once), and one worker SIGSTOPped past its lease:
     nobody gets the campaign twice, the frozen worker hands off none of the messages it held,
     every recipient is sent or reported."""
-    people = 900
+    # At 50 messages/s (shared) the campaign lasts 20 s: the chaos (up to 9 s) and the wait
+    # for worker 0 to park a hand-off (up to 10 s) always end before it does. At 900 and
+    # 100/s it could finish first on a loaded machine, and nothing was left to park.
+    people = 1000
     rng = random.Random()
-    async with cluster(tmp_path, pg_url, people, MAILER_SMTP_RATE="100") as (m, w, cid, _):
+    async with cluster(tmp_path, pg_url, people, MAILER_SMTP_RATE="50") as (m, w, cid, _):
         await m.campaigns.send(cid)
         frozen, sink0 = 0, w.sinks[0]
         await wait_until(lambda: len(sink0.messages) >= 20, timeout=20, what="sending")

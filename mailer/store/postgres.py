@@ -15,14 +15,16 @@
 """
 
 import asyncio
+import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import Connection, Select
+from sqlalchemy import Connection, Select, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -101,10 +103,16 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str, peek_connections: int = PEEK_CONNECTIONS) -> None:
         self._engine: AsyncEngine = create_async_engine(url, pool_size=ENGINE_POOL_SIZE)
+        self._opened: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        event.listen(self._engine.sync_engine, "connect", self._track)
         self._peek_connections = peek_connections
         self._pool: asyncio.Future[asyncpg.Pool] | None = None
         self._peeks: dict[int, _Peek] = {}
         self._closed = False
+
+    def _track(self, dbapi_connection: Any, _record: Any) -> None:
+        """Remember every connection the engine opens, for ``close``."""
+        self._opened.add(dbapi_connection.driver_connection)
 
     def _check_open(self) -> None:
         if self._closed:  # a disposed engine would quietly open new connections
@@ -202,8 +210,14 @@ class PostgresDatabase(Database):
             return
         self._closed = True
         pool, self._pool = self._pool, None
-        if pool is not None and not pool.done():
-            pool.cancel()
-        elif pool is not None and not pool.cancelled() and pool.exception() is None:
-            await pool.result().close()
+        if pool is not None:
+            # Let a pool still being opened finish (cancelling it midway could orphan the
+            # connection it was making), then close it.
+            with contextlib.suppress(Exception):
+                await (await asyncio.shield(pool)).close()
         await self._engine.dispose()
+        # A connection a cancelled task never gave back is not the pool's to close: end it
+        # here, rather than leave it to the garbage collector after the loop is gone.
+        for conn in list(self._opened):
+            if not conn.is_closed():
+                conn.terminate()
