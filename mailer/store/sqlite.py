@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Select, create_engine, event
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.engine import Compiled, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from mailer.errors import Conflict
@@ -78,7 +78,9 @@ class SqliteDatabase(Database):
         self._stop_checkpoints = threading.Event()
         self._next_wal_check = 0.0
         self._checkpointer: threading.Thread | None = None
-        self._peeks: dict[int, Compiled] = {}
+        self._peeks: dict[int, tuple[Select[Any], str, dict[str, Any]]] = {}
+        """Per statement (held, so that its id() is not reused): its SQL and default binds,
+        worked out once (``Compiled.params`` rebuilds them at every call)."""
         self._sender_lock: int | None = None
 
     # -- the public interface ------------------------------------------------------------
@@ -100,16 +102,17 @@ class SqliteDatabase(Database):
     async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
         if self._closed:
             raise DatabaseClosed("the database is closed")
-        compiled = self._peeks.get(id(statement))
-        if compiled is None:
+        peek = self._peeks.get(id(statement))
+        if peek is None:
             compiled = statement.compile(dialect=_NAMED)
-            self._peeks[id(statement)] = compiled
+            peek = self._peeks[id(statement)] = (statement, str(compiled), compiled.params)
+        _, sql, defaults = peek
         if self._peek_conn is None:
             self._peek_conn = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, isolation_level=None
             )
             self._peek_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        row = self._peek_conn.execute(str(compiled), {**compiled.params, **params}).fetchone()
+        row = self._peek_conn.execute(sql, {**defaults, **params}).fetchone()
         return None if row is None else tuple(row)
 
     async def lock_sender(self) -> None:
