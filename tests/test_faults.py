@@ -8,6 +8,7 @@ more than one per recipient).
 """
 
 import asyncio
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ import pytest
 
 from mailer.bootstrap import Mailer, open_mailer
 from mailer.config import Settings
+from mailer.transport.outcomes import Sent
+from mailer.transport.smtp import RelayConfig, SmtpPool
 from tests.conftest import init_db, make_settings, seed_confirmed
 from tests.databases import Db
 from tests.harness import MutableClock, SinkEvent, SinkServer, query, wait_until
@@ -459,3 +462,26 @@ async def test_idle_pooled_connection_lost_reconnects(
     assert all(final[e] == Row("sent", None, 1) for e in EMAILS[:3])
     assert run.copies() == dict.fromkeys(EMAILS[:3], 2)  # one per campaign, none lost or doubled
     assert len(sink.seen("connect")) == 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Subject: dots\r\n\r\n.\r\n..\r\n.hidden\r\nend\r\n",  # wire form: sent as it is
+        b".starts with a dot\r\n\r\nbody\r\n",
+        b"Subject: bare\n\n.line\nlone\rcr\r\nend",  # not wire form: through aiosmtplib
+    ],
+)
+async def test_lines_starting_with_a_dot_arrive_intact(sink: SinkServer, data: bytes) -> None:
+    """Dot-stuffing (RFC 5321 4.5.2) on both ways DATA is sent: what the relay stores is the
+    message, line for line, with bare CR or LF turned into CRLF."""
+    pool = SmtpPool(RelayConfig("127.0.0.1", sink.port), size=1)
+    try:
+        async with pool.connection() as conn:
+            outcome = await conn.send("news@example.org", "a@example.org", data, False)
+    finally:
+        await pool.close()
+    assert isinstance(outcome, Sent), outcome
+    wire = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    wire = wire if wire.endswith(b"\r\n") else wire + b"\r\n"
+    assert [m.raw for m in sink.messages] == [wire]

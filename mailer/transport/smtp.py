@@ -83,6 +83,36 @@ class SmtpPool:
                 _drop(client)
 
 
+async def _data(client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+    """``DATA``, sending a message that is already in wire form as it is.
+
+    aiosmtplib's ``data`` rewrites every line ending and dot-stuffs with regular expressions,
+    about 8 % of the event loop's time per message here. A message whose every CR and LF is
+    part of a CRLF pair needs only the dot-stuffing (RFC 5321 section 4.5.2), one
+    ``bytes.replace``; any other goes through aiosmtplib. Same replies, same exceptions, and
+    the connection is closed on a lost or timed-out reply, as aiosmtplib does.
+    """
+    pairs = data.count(b"\r\n")
+    if pairs != data.count(b"\r") or pairs != data.count(b"\n") or not data.endswith(b"\r\n"):
+        return await client.data(data)
+    stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
+    start = await client.execute_command(b"DATA")
+    if start.code != aiosmtplib.SMTPStatus.start_input:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(stuffed + b".\r\n")
+        response = await protocol.read_response(timeout=client.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
 def _drop(client: aiosmtplib.SMTP) -> None:
     if client.is_connected:
         client.close()
@@ -165,7 +195,7 @@ class Connection:
             self.broken = True
             return TempFail(f"connection lost at RCPT TO: {exc}")
         try:
-            response = await client.data(data)
+            response = await _data(client, data)
         except aiosmtplib.SMTPResponseException as exc:
             # A refusal of the DATA verb itself (before 354) leaves the transaction open.
             return await self._abandon(self._refused("DATA", exc))
