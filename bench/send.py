@@ -464,6 +464,17 @@ WRAPPERS = re.compile(
 """Frames every sample passes through (thread start, event loop, CLI): left out of 'total'."""
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every mailer process the bench starts: no MAILER_* settings of the
+    caller's, and this checkout's package first on the path, so that a second worktree sharing
+    one virtualenv measures its own code (the one ``code_state`` names), not the editable
+    install's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def code_state() -> str:
     """The git commit of the code measured, and whether mailer/ has uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
@@ -569,7 +580,7 @@ async def _run(o: Options, cwd: Path, procs: list[subprocess.Popen[bytes]]) -> i
 
     sink = start_sink(o.sink, cwd)
     procs.append(sink.proc)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env = child_env()
     env.update(
         MAILER_HTTP_PORT=str(http_port),
         MAILER_BASE_URL=base,
@@ -1003,7 +1014,7 @@ async def _pg_round(
     import asyncpg
 
     cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env = child_env()
     env.update(
         MAILER_DATABASE_URL=url,
         MAILER_SMTP_HOST="127.0.0.1",
