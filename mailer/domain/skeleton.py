@@ -54,8 +54,8 @@ class Skeleton:
     ) -> None:
         self.segments = tuple(segments)
         self.fixed = dict(fixed)
-        self.placeholders = {name: text.encode("ascii") for name, text in placeholders.items()}
-        """What each slot held in the prototype: ``fill(placeholders)`` gives it back."""
+        self.placeholders = dict(placeholders)
+        """What each slot held in the prototype (filled in, ASCII-encoded, they give it back)."""
 
     @classmethod
     def split(

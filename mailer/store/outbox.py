@@ -276,40 +276,30 @@ def claim(
     """
     q = claim_statement(campaign_id, conn)
     claimed: list[Claimed] = []
-    skipped: dict[str, list[int]] = {}
+    moves: dict[tuple[str, str | None], list[int]] = {}
     rows = conn.execute(q, {"now": now, "limit": limit, "cid": campaign_id}).all()
     for r in rows:
         kind = MessageKind(r[1])
         skip = may_send(kind, r[10], r[11], bool(r[14]))
+        move: tuple[str, str | None]
         if skip is None:
             fields = (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[12], r[13], r[15] + 1)
             claimed.append(Claimed(r[0], kind, *fields))
+            move = (OutboxStatus.SENDING.value, None)
         else:
-            skipped.setdefault(skip.value, []).append(r[0])
+            move = (OutboxStatus.SKIPPED.value, skip.value)
+        moves.setdefault(move, []).append(r[0])
     # One statement per outcome, not per row: every selected row is locked (or the database
     # is), so each row's fence is the one just read and goes up by one.
-    if claimed:
-        conn.execute(
-            _MOVE_QUEUED,
-            {
-                "ids": [c.outbox_id for c in claimed],
-                "status": OutboxStatus.SENDING.value,
-                "reason": None,
-                "updated_at": now,
-                "checked_at": now,
-                "lease_owner": lease.owner,
-                "lease_until": until,
-            },
-        )
-    for reason, ids in skipped.items():
+    for (status, reason), ids in moves.items():
         conn.execute(
             _MOVE_QUEUED,
             {
                 "ids": ids,
-                "status": OutboxStatus.SKIPPED.value,
+                "status": status,
                 "reason": reason,
                 "updated_at": now,
-                "checked_at": None,
+                "checked_at": now if reason is None else None,
                 "lease_owner": lease.owner,
                 "lease_until": until,
             },

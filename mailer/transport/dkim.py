@@ -157,7 +157,7 @@ class _Plan:
 class _Collected:
     """A stand-in hasher that keeps what dkimpy would have hashed."""
 
-    def __init__(self, data: bytes = b"") -> None:
+    def __init__(self, data: bytes) -> None:
         self.data = data
 
     def update(self, data: bytes) -> None:
@@ -218,8 +218,7 @@ class DkimSigner:
         the skeleton's plan; the signature is the same either way.
         """
         stamp = str(int(self._clock())).encode("ascii")
-        plan = self._plan_for(filled) if filled is not None else None
-        if plan is None or filled is None:
+        if filled is None or (plan := self._plan_for(filled)) is None:
             return self._sign_in_full(data, stamp)
         values = dict(filled.values)
         values["bh"] = body_hash = _body_hash(plan.body.fill(values))
@@ -262,7 +261,7 @@ class DkimSigner:
         that copy in full. A slot occurrence that canonicalisation had altered would be missed
         by the plan's split and show up as a difference here.
         """
-        slots = {name: text.decode("ascii") for name, text in skeleton.placeholders.items()}
+        slots = dict(skeleton.placeholders)
         slots["bh"] = placeholder("bh", 44)  # base64 of a SHA-256: always 44 characters
         slots["t"] = placeholder("t", 24)
         own = {name: text.encode("ascii") for name, text in slots.items()}
