@@ -39,10 +39,11 @@ class Captured:
 
 @dataclass(frozen=True)
 class SinkEvent:
-    """One thing the sink saw: ``stage`` is connect, auth, ehlo, mail, rcpt, data or rset.
+    """One thing the sink saw: ``stage`` is connect, auth, ehlo, mail, rcpt, data, rset or read.
 
     ``at`` is ``time.monotonic()`` (system-wide on Linux, so comparable with the test's own).
-    ``detail`` is the address for mail/rcpt/data, the EHLO name, or ok/refused for auth.
+    ``detail`` is the address for mail/rcpt/data, the EHLO name, ok/refused for auth, or for
+    a read that starts with MAIL FROM the verbs it holds (``MAIL,RCPT,DATA`` when pipelined).
     """
 
     at: float
@@ -67,6 +68,12 @@ class _FaultSMTP(SMTPServer):
 
     transactions = 0
     """MAIL FROM commands seen on this connection."""
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"MAIL FROM:"):  # how the client grouped a transaction's commands
+            verbs = (line.split(b":")[0].split(b" ")[0] for line in data.split(b"\r\n") if line)
+            self.event_handler._log("read", ",".join(v.decode("ascii", "replace") for v in verbs))
+        super().data_received(data)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -109,6 +116,8 @@ class SinkServer:
     * ``rcpt_delays[addr]`` / ``data_delays[addr]``: seconds to wait before answering RCPT
       / the end of DATA (the message is stored first, so a client timeout leaves one copy).
     * ``smtputf8``: whether EHLO offers SMTPUTF8.
+    * ``pipelining``: whether EHLO offers PIPELINING (RFC 2920), as real relays do (aiosmtpd
+      answers pipelined commands in order either way; it only does not say so itself).
     * ``auth_password``: offer AUTH (PLAIN, LOGIN) without TLS and accept only this password.
 
     ``events`` logs what arrived, in order; ``drop_connections`` / ``silence_connections``
@@ -129,6 +138,7 @@ class SinkServer:
     rcpt_delays: dict[str, float] = field(default_factory=dict)
     data_delays: dict[str, float] = field(default_factory=dict)
     smtputf8: bool = True
+    pipelining: bool = True
     auth_password: str | None = None
     events: list[SinkEvent] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -196,6 +206,8 @@ class SinkServer:
         self._log("ehlo", hostname)
         session.host_name = hostname  # what aiosmtpd does itself when there is no hook
         if self.ehlo_reply is None:
+            if self.pipelining:
+                return [*responses[:1], "250-PIPELINING", *responses[1:]]
             return responses
         if self.ehlo_reply == "":
             _hang_up(server)

@@ -1,5 +1,7 @@
 """SMTP fault matrix against campaigns (G6, G1; reliability-plan b.3 tests 18, 20, 22).
 
+Every test runs twice: against a relay that offers PIPELINING (MAIL FROM, RCPT TO and DATA
+go in one write) and against one that does not (one command at a time, through aiosmtplib).
 Every cell runs a real campaign to a fault-injecting aiosmtpd sink on loopback, with a
 ``MutableClock`` so retry and relay backoffs are made due by moving time, not by waiting.
 Each cell checks the outbox rows after the fault, then after the relay recovers: the final
@@ -37,6 +39,19 @@ SLOW = 1.5
 LATER = 2 * 3600.0
 """Far past any retry or relay backoff, well inside the 24 h give-up age."""
 BODY = "Hello **reader**,\n\nthis is the November issue.\n"
+
+
+@pytest.fixture(params=[True, False], ids=["pipelined", "one-by-one"])
+async def sink(request: pytest.FixtureRequest) -> AsyncIterator[SinkServer]:
+    server = SinkServer(pipelining=request.param)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def grouped(sink: SinkServer) -> str:
+    """How the client writes a transaction's commands to this sink."""
+    return "MAIL,RCPT,DATA" if sink.pipelining else "MAIL"
 
 
 @dataclass(frozen=True)
@@ -336,6 +351,7 @@ async def test_fault_cell(tmp_path: Path, sink: SinkServer, cell: Cell) -> None:
         assert set(sent_to) <= set(EMAILS)  # nothing stray
         report = await run.mailer.campaigns.report(run.campaign)
         assert report.campaign.status == "sent"
+        assert {e.detail for e in sink.seen("read")} == {grouped(sink)}
         expected = {"sent": N, "failed": 0, "unknown": 0}
         if cell.outcome in ("failed", "unknown"):
             expected = {"sent": N - len(hits), cell.outcome: len(hits)}
@@ -485,3 +501,19 @@ async def test_lines_starting_with_a_dot_arrive_intact(sink: SinkServer, data: b
     wire = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
     wire = wire if wire.endswith(b"\r\n") else wire + b"\r\n"
     assert [m.raw for m in sink.messages] == [wire]
+
+
+async def test_commands_are_pipelined_exactly_when_the_relay_offers_it(sink: SinkServer) -> None:
+    """RFC 2920: MAIL FROM, RCPT TO and DATA in one write only to a relay that says
+    PIPELINING in its EHLO; one connection carries every message either way."""
+    pool = SmtpPool(RelayConfig("127.0.0.1", sink.port), size=1)
+    try:
+        for email in EMAILS[:3]:
+            async with pool.connection() as conn:
+                data = b"Subject: hi\r\n\r\nhello\r\n"
+                assert isinstance(await conn.send("news@example.org", email, data, False), Sent)
+    finally:
+        await pool.close()
+    assert [e.detail for e in sink.seen("read")] == [grouped(sink)] * 3
+    assert [m.rcpt_tos for m in sink.messages] == [[e] for e in EMAILS[:3]]
+    assert len(sink.seen("connect")) == 1

@@ -1,0 +1,239 @@
+"""SMTP command pipelining (RFC 2920) against scripted servers on loopback.
+
+``Replies`` must hand back replies in order however the bytes are split or joined, fail
+the way aiosmtplib fails on a malformed, endless or missing reply, and let the protocol it
+took over hear of the connection's loss. A relay that takes DATA after refusing the
+recipient must never be sent the message. (The whole SMTP fault matrix runs pipelined and
+one by one in ``test_faults``.)
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import cast
+
+import aiosmtplib
+import pytest
+
+from mailer.transport.outcomes import PermFail, Sent, TempFail
+from mailer.transport.replies import MAX_LINE, MAX_REPLY, Replies
+from mailer.transport.smtp import RelayConfig, SmtpPool
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def serving(script: Script) -> AsyncIterator[int]:
+    """A loopback server running ``script`` for each connection; yields its port."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        if tasks:  # let each script see the client's close, then stop what still runs
+            await asyncio.wait(tasks, timeout=3.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Plain(asyncio.Protocol):
+    """The protocol ``Replies`` takes over: it records whether it heard of the loss."""
+
+    lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+@asynccontextmanager
+async def replies_from(
+    chunks: list[bytes], then_close: bool = False, timeout: float = 2.0
+) -> AsyncIterator[tuple[Replies, Plain]]:
+    """``Replies`` on a connection whose server writes ``chunks`` one by one, pausing between
+    them so that each arrives in a read of its own, and then stays open (or closes)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        if then_close:
+            writer.close()
+            return
+        await reader.read()
+
+    async with serving(script) as port:
+        plain = Plain()
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            lambda: plain, "127.0.0.1", port
+        )
+        replies = Replies.take_over(cast(asyncio.Transport, transport), timeout)
+        try:
+            yield replies, plain
+        finally:
+            transport.close()
+
+
+async def test_replies_come_back_in_order_however_the_bytes_are_cut() -> None:
+    chunks = [b"2", b"50-first line\r\n25", b"0 second line\r\n251 forwarded\r\n354 go", b"\r\n"]
+    async with replies_from(chunks) as (replies, _):
+        got = [await replies.read() for _ in range(3)]
+    assert got == [
+        aiosmtplib.SMTPResponse(250, "first line\nsecond line"),
+        aiosmtplib.SMTPResponse(251, "forwarded"),
+        aiosmtplib.SMTPResponse(354, "go"),
+    ]
+
+
+async def test_replies_that_arrive_together_are_all_kept() -> None:
+    async with replies_from([b"250 a\r\n250 b\r\n354 c\r\n"]) as (replies, _):
+        await asyncio.sleep(0.1)  # all three are in before the first read
+        got = [(r.code, r.message) for r in [await replies.read() for _ in range(3)]]
+    assert got == [(250, "a"), (250, "b"), (354, "c")]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [
+        ([b"250 fine\r\n", b"hello there\r\n"], "Malformed SMTP response line: hello there"),
+        ([b"250 fine\r\n", b"250 " + b"x" * MAX_LINE + b"\r\n"], "Response too long"),
+        ([b"250 fine\r\n", b"250-" + b"x" * (MAX_REPLY + 1)], "Response too long"),
+    ],
+    ids=["gibberish", "line-too-long", "endless-reply"],
+)
+async def test_a_reply_that_cannot_be_read_fails_after_the_good_ones(
+    chunks: list[bytes], message: str
+) -> None:
+    async with replies_from(chunks) as (replies, _):
+        assert (await replies.read()).code == 250
+        with pytest.raises(aiosmtplib.SMTPResponseException) as failed:
+            await replies.read()
+        assert failed.value.code == -1 and failed.value.message.startswith(message)
+        with pytest.raises(aiosmtplib.SMTPResponseException):  # and stays failed
+            await replies.read()
+
+
+async def test_a_closed_connection_fails_reads_and_is_told_to_the_old_protocol() -> None:
+    async with replies_from([b"250 last words\r\n"], then_close=True) as (replies, plain):
+        assert (await replies.read()).message == "last words"
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await replies.read()
+        await asyncio.sleep(0.05)
+        assert plain.lost
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            replies.write(b"NOOP\r\n")
+
+
+async def test_silence_times_out() -> None:
+    async with replies_from([b"250 one\r\n"], timeout=0.2) as (replies, _):
+        await replies.read()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+            await replies.read()
+        assert 0.15 < asyncio.get_running_loop().time() - started < 2.0
+
+
+# --- a relay that gets out of step ---------------------------------------------------------
+
+
+def relay(group_reply: bytes, seen: list[bytes], hang_up: bool = False) -> Script:
+    """A relay that offers PIPELINING, answers the first transaction's MAIL, RCPT and DATA
+    with ``group_reply``, then hangs up or records everything the client writes after."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        seen.extend([await reader.readline() for _ in range(3)])
+        writer.write(group_reply)
+        if hang_up:
+            return
+        try:
+            seen.append(await asyncio.wait_for(reader.read(), 2.0))  # until the client closes
+        except TimeoutError:
+            seen.append(b"(still open)")
+
+    return script
+
+
+MESSAGE = b"Subject: hi\r\n\r\n.a dot line\r\n"
+
+
+async def test_a_relay_that_takes_data_after_refusing_the_recipient_gets_nothing() -> None:
+    seen: list[bytes] = []
+    reply = b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n354 go ahead anyway\r\n"
+    async with serving(relay(reply, seen)) as port:
+        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
+        async with pool.connection() as conn:
+            outcome = await conn.send("list@example.org", "gone@example.org", MESSAGE, False)
+            assert conn.broken
+        await pool.close()
+    assert outcome == PermFail(550, "RCPT TO: 550 5.1.1 no such user", "5.1.1")
+    assert seen[:3] == [
+        b"MAIL FROM:<list@example.org>\r\n",
+        b"RCPT TO:<gone@example.org>\r\n",
+        b"DATA\r\n",
+    ]
+    assert seen[3] == b""  # the connection was closed: not a byte of the message went
+
+
+async def test_a_refused_sender_on_a_relay_that_hangs_up_is_still_the_refusal() -> None:
+    seen: list[bytes] = []
+    async with serving(relay(b"421 4.3.2 closing\r\n", seen, hang_up=True)) as port:
+        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
+        async with pool.connection() as conn:
+            # RCPT and DATA are never answered: the connection is gone after the 421
+            outcome = await conn.send("list@example.org", "a@example.org", MESSAGE, False)
+        await pool.close()
+    assert outcome == TempFail("MAIL FROM: 421 4.3.2 closing", relay_backoff=True)
+
+
+async def test_a_pipelined_message_arrives_dot_stuffed_and_whole() -> None:
+    got: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-scripted\r\n250 PIPELINING\r\n")
+        got.extend([await reader.readline() for _ in range(3)])
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        got.append(await reader.readuntil(b"\r\n.\r\n"))
+        writer.write(b"250 2.0.0 queued as 42\r\n")
+        await reader.read()
+
+    async with serving(script) as port:
+        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
+        async with pool.connection() as conn:
+            outcome = await conn.send("list@example.org", "a@example.org", MESSAGE, False)
+        await pool.close()
+    assert outcome == Sent("250 2.0.0 queued as 42")
+    assert got[3] == b"Subject: hi\r\n\r\n..a dot line\r\n.\r\n"
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        test_replies_come_back_in_order_however_the_bytes_are_cut,
+        test_replies_that_arrive_together_are_all_kept,
+        test_a_closed_connection_fails_reads_and_is_told_to_the_old_protocol,
+        test_silence_times_out,
+        test_a_relay_that_takes_data_after_refusing_the_recipient_gets_nothing,
+        test_a_pipelined_message_arrives_dot_stuffed_and_whole,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_on_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
+    """The same on uvloop, as ``mailer serve`` and ``mailer worker`` run: its transports are
+    no ``asyncio.Transport`` subclasses, and it has its own ``set_protocol``."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(scenario())
