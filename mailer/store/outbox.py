@@ -307,10 +307,15 @@ def claim(
     return claimed, len(rows)
 
 
+_LOCKING = {q: q.with_for_update(of=outbox, skip_locked=True) for q in (_DUE_DIRECT, _DUE_CAMPAIGN)}
+"""Each claim SELECT as PostgreSQL runs it, built once (a statement built per claim has its
+cache key worked out afresh at every execution)."""
+
+
 def claim_statement(campaign_id: int | None, conn: Connection) -> Select[Any]:
     """The SELECT a claim of this lane runs on ``conn`` (locking the rows on PostgreSQL)."""
     q = _DUE_DIRECT if campaign_id is None else _DUE_CAMPAIGN
-    return q.with_for_update(of=outbox, skip_locked=True) if _locks(conn) else q
+    return _LOCKING[q] if _locks(conn) else q
 
 
 def _locks(conn: Connection) -> bool:
