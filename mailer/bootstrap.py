@@ -25,7 +25,7 @@ from mailer.services.people import People
 from mailer.services.policy import Policy
 from mailer.services.ports import Clock, NoSigner, Signer, SystemClock
 from mailer.services.scheduling import Scheduler
-from mailer.services.sending import Sender, SendPolicy
+from mailer.services.sending import PREFETCH_PER_CONNECTION, Sender, SendPolicy
 from mailer.services.setup import instance_secrets, secret_keys
 from mailer.services.subscriptions import Subscriptions
 from mailer.services.throttle import LocalThrottle, SharedThrottle, Throttle
@@ -224,7 +224,7 @@ async def open_mailer(
                 metrics,
                 policy,
                 sender_identity(),
-                prefetch=2 * settings.smtp_connections,
+                prefetch=PREFETCH_PER_CONNECTION * settings.smtp_connections,
                 signer=_signer(settings),
                 throttle=_throttle(settings, db, clock),
             )

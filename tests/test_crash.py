@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from mailer.domain.addresses import address_hash, parse_address
+from mailer.services.sending import PREFETCH_PER_CONNECTION
 from mailer.store import outbox
 from tests.databases import active
 from tests.harness import SinkServer, query, wait_until
@@ -43,7 +44,7 @@ WITHDRAWN = 10
 INTERRUPTED = outbox.INTERRUPTED
 HASH_KEY = "SELECT value FROM instance_setting WHERE name = 'address_hash_key'"
 
-PREFETCH = 2 * CONNECTIONS
+PREFETCH = PREFETCH_PER_CONNECTION * CONNECTIONS
 """Claimed rows the sender keeps buffered (``prefetch`` in mailer/bootstrap.py)."""
 
 # How many messages can one kill leave `sending` (reported failed "interrupted" at restart)?

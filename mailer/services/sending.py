@@ -49,6 +49,11 @@ from mailer.transport.outcomes import PermFail, RelayDown, Sent, TempFail, Unkno
 
 log = logging.getLogger("mailer.sending")
 
+PREFETCH_PER_CONNECTION = 4
+"""Claimed rows a sender keeps buffered, per SMTP connection. A claim is a write transaction
+of two SELECTs and an UPDATE; four per connection rather than two cut the workers' CPU per
+message by about 9 % on PostgreSQL (bench/send.py). A crash reports at most this buffer plus
+the messages in hand as interrupted, never resent."""
 RELAY_BACKOFF_START = 30.0
 RELAY_BACKOFF_MAX = 900.0
 
