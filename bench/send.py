@@ -450,6 +450,19 @@ async def watch(
         await asyncio.sleep(0.1)
 
 
+def sign_with_dkim(algorithm: str, cwd: Path, env: dict[str, str]) -> None:
+    """A fresh DKIM key under ``cwd``, and the settings that make mailer sign with it."""
+    key = cwd / "var" / "dkim.pem"
+    mailer_cli(cwd, env, "dkim", "keygen", "--selector", "bench", "--algorithm", algorithm,
+               "--domain", "example.org", "--out", str(key))  # fmt: skip
+    env.update(
+        MAILER_DKIM_DOMAIN="example.org",
+        MAILER_DKIM_SELECTOR="bench",
+        MAILER_DKIM_KEY_FILE=str(key),
+    )
+    print(f"  DKIM signing on: {algorithm}", flush=True)
+
+
 def start_serve(cwd: Path, env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
     with log_file.open("wb") as log:
         return subprocess.Popen([*MAILER, "serve"], cwd=cwd, env=env, stdout=log, stderr=log)
@@ -611,15 +624,7 @@ async def _run(o: Options, cwd: Path, procs: list[subprocess.Popen[bytes]]) -> i
         env.update(MAILER_INBOUND_PORT=str(free_port()), MAILER_BOUNCE_DOMAIN="bounces.example.org")
         print("  inbound mail on: VERP senders and mailto: unsubscribe", flush=True)
     if o.dkim:
-        key = cwd / "var" / "dkim.pem"
-        mailer_cli(cwd, env, "dkim", "keygen", "--selector", "bench", "--algorithm", o.dkim,
-                   "--domain", "example.org", "--out", str(key))  # fmt: skip
-        env.update(
-            MAILER_DKIM_DOMAIN="example.org",
-            MAILER_DKIM_SELECTOR="bench",
-            MAILER_DKIM_KEY_FILE=str(key),
-        )
-        print(f"  DKIM signing on: {o.dkim}", flush=True)
+        sign_with_dkim(o.dkim, cwd, env)
     mailer_cli(cwd, env, "init")
     mailer_cli(cwd, env, "list", "create", "news", "--name", "News")
     db_path = cwd / "var" / "mailer.db"
@@ -1006,7 +1011,7 @@ async def run_postgres(o: Options) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     base = results[0][2] / results[0][0] if results and results[0][0] == 1 else None
     print(f"\nRESULT  {o.recipients:,} recipients, {o.connections} connections per worker, "
-          f"sink {o.sink}, postgres")  # fmt: skip
+          f"sink {o.sink}, postgres" + (f", DKIM {o.dkim}" if o.dkim else ""))  # fmt: skip
     print("workers  sent      messages/s  vs one worker   CPU µs/msg while sending:"
           " workers + postgres + sink = all")  # fmt: skip
     for count, sent, rate, cpu in results:
@@ -1014,6 +1019,15 @@ async def run_postgres(o: Options) -> int:
         us = [x / sent * 1e6 if sent else 0.0 for x in (cpu.workers, cpu.postgres, cpu.sink)]
         print(f"{count:>7}  {sent:>8,}  {rate:>10,.0f}  {ratio:>13}   "
               f"{us[0]:>8,.0f} + {us[1]:>8,.0f} + {us[2]:>4,.0f} = {sum(us):,.0f}")  # fmt: skip
+    cores = os.cpu_count() or 1
+    for count, sent, _rate, cpu in results[1:] if base else []:
+        # Whatever the design, N workers cannot go faster than the machine's cores divided
+        # by the CPU that every process together spends per message at that count.
+        all_us = (cpu.workers + cpu.postgres + cpu.sink) / sent * 1e6 if sent else 0.0
+        if all_us:
+            ceiling = cores * 1e6 / all_us
+            print(f"ceiling for {count} workers here: {cores} cores / {all_us:,.0f} µs per message"
+                  f" = {ceiling:,.0f} msg/s = x{ceiling / base:.2f} one worker")  # fmt: skip
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("targets (issue 6): two workers >= 1.6 x one; >= 4,000 msg/s with two workers")
     print(f"code measured: {code_state()}")
@@ -1034,6 +1048,8 @@ async def _pg_round(
         MAILER_SMTP_PORT=str(sink.port),
         MAILER_SMTP_CONNECTIONS=str(o.connections),
     )
+    if o.dkim:
+        sign_with_dkim(o.dkim, cwd, env)
     mailer_cli(cwd, env, "init")
     env["MAILER_SECRET_KEYS"] = (cwd / "var" / "secret_keys").read_text().split()[0]
     mailer_cli(cwd, env, "list", "create", "news", "--name", "News")
