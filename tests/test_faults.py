@@ -267,6 +267,8 @@ CELLS = {
         "final-dot", "", "unknown", "no reply to DATA (SMTPServerDisconnected)", copies=1
     ),
     "dot-slow": Cell("final-dot", None, "unknown", "no reply to DATA (SMTPReadTimeoutError)", 1),
+    # A reply to the final dot that cannot be read says nothing either: never retried.
+    "dot-gibberish": Cell("final-dot", GIBBERISH, "unknown", "no reply to DATA"),
 }
 
 
@@ -485,11 +487,11 @@ async def test_idle_pooled_connection_lost_reconnects(
     [
         b"Subject: dots\r\n\r\n.\r\n..\r\n.hidden\r\nend\r\n",  # wire form: sent as it is
         b".starts with a dot\r\n\r\nbody\r\n",
-        b"Subject: bare\n\n.line\nlone\rcr\r\nend",  # not wire form: through aiosmtplib
+        b"Subject: bare\n\n.line\nlone\rcr\r\nend",  # not wire form: line endings made CRLF
     ],
 )
 async def test_lines_starting_with_a_dot_arrive_intact(sink: SinkServer, data: bytes) -> None:
-    """Dot-stuffing (RFC 5321 4.5.2) on both ways DATA is sent: what the relay stores is the
+    """Dot-stuffing (RFC 5321 4.5.2), pipelined and one by one: what the relay stores is the
     message, line for line, with bare CR or LF turned into CRLF."""
     pool = SmtpPool(RelayConfig("127.0.0.1", sink.port), size=1)
     try:

@@ -97,29 +97,22 @@ class SmtpPool:
             _drop(client)
 
 
-def _wire(data: bytes) -> bytes | None:
-    """The DATA content (dot-stuffed, ending in the lone dot) of a message already in wire
-    form, where every CR and LF is part of a CRLF pair and it ends in one; else None.
+def _content(data: bytes) -> bytes:
+    """What follows the 354: the message with CRLF line endings, dot-stuffed (RFC 5321
+    section 4.5.2), ending in the lone dot.
 
-    Needs one ``bytes.replace`` (RFC 5321 section 4.5.2), where aiosmtplib rewrites every line
-    ending and dot-stuffs with regular expressions (about 8 % of the event loop per message).
+    A message already in wire form (every CR and LF part of a CRLF pair, ending in one), as
+    every message mailer builds is, needs one ``bytes.replace``; aiosmtplib rewrites every
+    line ending and dot-stuffs with regular expressions (about 8 % of the event loop per
+    message). Any other message has its line endings made CRLF first, as aiosmtplib does.
     """
     pairs = data.count(b"\r\n")
     if pairs != data.count(b"\r") or pairs != data.count(b"\n") or not data.endswith(b"\r\n"):
-        return None
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        data = b"\r\n".join(lines)
+        data = data if data.endswith(b"\r\n") else data + b"\r\n"
     stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
     return stuffed + b".\r\n"
-
-
-def _in_wire_form(data: bytes) -> bytes:
-    """The DATA content of any message: line endings made CRLF first where needed."""
-    content = _wire(data)
-    if content is None:
-        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        normal = b"\r\n".join(lines)
-        content = _wire(normal if normal.endswith(b"\r\n") else normal + b"\r\n")
-    assert content is not None
-    return content
 
 
 def _path(address: str, encoding: str) -> bytes:
@@ -130,12 +123,9 @@ def _path(address: str, encoding: str) -> bytes:
 
 
 async def _data(client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-    """``DATA`` one step at a time: a message in wire form is sent as it is (``_wire``); any
-    other goes through aiosmtplib. Same replies, same exceptions, and the connection is
-    closed on a lost or timed-out reply, as aiosmtplib does."""
-    content = _wire(data)
-    if content is None:
-        return await client.data(data)
+    """``DATA`` one step at a time, through aiosmtplib's protocol. A reply to the message
+    that is lost, late or unreadable closes the connection and raises
+    ``SMTPServerDisconnected`` or ``SMTPTimeoutError``: the relay may have taken it."""
     start = await client.execute_command(b"DATA")
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -143,11 +133,14 @@ async def _data(client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(content)
+        protocol.write(_content(data))
         response = await protocol.read_response(timeout=client.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()
         raise
+    except aiosmtplib.SMTPResponseException as exc:  # unreadable: it may have taken the message
+        client.close()
+        raise aiosmtplib.SMTPServerDisconnected(f"unreadable reply: {exc.message}") from exc
     if response.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
@@ -256,7 +249,7 @@ class Connection:
                 return refusal
             return await self._abandon(refusal)
         try:
-            replies.write(_in_wire_form(data))
+            replies.write(_content(data))
             reply = await replies.read()
         except aiosmtplib.SMTPException as exc:  # a malformed reply too: it may have taken it
             self._close()
