@@ -3,6 +3,7 @@
 import asyncio
 import email
 import email.policy
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,7 @@ class SinkServer:
     * ``smtputf8``: whether EHLO offers SMTPUTF8.
     * ``pipelining``: whether EHLO offers PIPELINING (RFC 2920), as real relays do (aiosmtpd
       answers pipelined commands in order either way; it only does not say so itself).
+    * ``tls_context``: offer STARTTLS with this server context.
     * ``auth_password``: offer AUTH (PLAIN, LOGIN) without TLS and accept only this password.
 
     ``events`` logs what arrived, in order; ``drop_connections`` / ``silence_connections``
@@ -139,6 +141,7 @@ class SinkServer:
     data_delays: dict[str, float] = field(default_factory=dict)
     smtputf8: bool = True
     pipelining: bool = True
+    tls_context: ssl.SSLContext | None = None
     auth_password: str | None = None
     events: list[SinkEvent] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -160,7 +163,13 @@ class SinkServer:
         auth: dict[str, Any] = {}
         if self.auth_password is not None:
             auth = {"authenticator": self._authenticate, "auth_require_tls": False}
-        server = _FaultSMTP(self, enable_SMTPUTF8=self.smtputf8, hostname="sink", **auth)
+        server = _FaultSMTP(
+            self,
+            enable_SMTPUTF8=self.smtputf8,
+            hostname="sink",
+            tls_context=self.tls_context,
+            **auth,
+        )
         self._live.add(server)
         return server
 

@@ -8,16 +8,20 @@ one by one in ``test_faults``.)
 """
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import cast
 
 import aiosmtplib
 import pytest
+import trustme
 
 from mailer.transport.outcomes import PermFail, Sent, TempFail
 from mailer.transport.replies import MAX_LINE, MAX_REPLY, Replies
 from mailer.transport.smtp import RelayConfig, SmtpPool
+from tests.harness import SinkServer
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -218,6 +222,52 @@ async def test_a_pipelined_message_arrives_dot_stuffed_and_whole() -> None:
         await pool.close()
     assert outcome == Sent("250 2.0.0 queued as 42")
     assert got[3] == b"Subject: hi\r\n\r\n..a dot line\r\n.\r\n"
+
+
+# --- over STARTTLS -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def relay_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
+    """A throwaway CA the client trusts (``SSL_CERT_FILE``, read by the default context)."""
+    ca = trustme.CA()
+    pem = tmp_path / "relay-ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    return ca
+
+
+async def three_over_starttls(ca: trustme.CA) -> SinkServer:
+    """Three messages over one verified STARTTLS connection to a sink that pipelines."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    sink = SinkServer(tls_context=context)
+    await sink.start()
+    pool = SmtpPool(RelayConfig("127.0.0.1", sink.port, tls="starttls", timeout=5.0), size=1)
+    try:
+        for n in range(3):
+            async with pool.connection() as conn:
+                outcome = await conn.send("list@example.org", f"r{n}@example.org", MESSAGE, False)
+                assert outcome == Sent("250 OK"), outcome
+    finally:
+        await pool.close()
+        await sink.stop()
+    return sink
+
+
+async def test_pipelining_over_starttls(relay_ca: trustme.CA) -> None:
+    """The replies reader takes over the TLS transport STARTTLS left, not the plain one."""
+    sink = await three_over_starttls(relay_ca)
+    assert [e.detail for e in sink.seen("read")] == ["MAIL,RCPT,DATA"] * 3
+    assert len(sink.seen("connect")) == 1 and len(sink.seen("ehlo")) == 2  # before and after
+    assert [m.raw for m in sink.messages] == [b"Subject: hi\r\n\r\n.a dot line\r\n"] * 3
+
+
+def test_pipelining_over_starttls_on_uvloop(relay_ca: trustme.CA) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    sink = uvloop.run(three_over_starttls(relay_ca))
+    assert [e.detail for e in sink.seen("read")] == ["MAIL,RCPT,DATA"] * 3
+    assert len(sink.messages) == 3
 
 
 @pytest.mark.parametrize(
