@@ -18,6 +18,7 @@ import aiosmtplib
 import pytest
 import trustme
 
+from mailer.transport.capture import CaptureServer
 from mailer.transport.outcomes import PermFail, Sent, TempFail
 from mailer.transport.replies import MAX_LINE, MAX_REPLY, Replies
 from mailer.transport.smtp import RelayConfig, SmtpPool
@@ -222,6 +223,23 @@ async def test_a_pipelined_message_arrives_dot_stuffed_and_whole() -> None:
         await pool.close()
     assert outcome == Sent("250 2.0.0 queued as 42")
     assert got[3] == b"Subject: hi\r\n\r\n..a dot line\r\n.\r\n"
+
+
+async def test_the_embedded_capture_server_takes_pipelined_mail(tmp_path: Path) -> None:
+    """``make run``'s relay offers PIPELINING like a real one, and keeps what it is sent."""
+    capture = CaptureServer(tmp_path / "outbox")
+    await capture.start()
+    pool = SmtpPool(RelayConfig("127.0.0.1", capture.port, timeout=5.0), size=1)
+    try:
+        async with pool.connection() as conn:
+            outcome = await conn.send("list@example.org", "a@example.org", MESSAGE, False)
+            assert conn.replies is not None  # the pipelined path was taken
+    finally:
+        await pool.close()
+        await capture.stop()
+    assert outcome == Sent("250 2.0.0 captured")
+    kept = list((tmp_path / "outbox" / "new").iterdir())
+    assert [p.read_bytes() for p in kept] == [b"Subject: hi\n\n.a dot line\n"]
 
 
 # --- over STARTTLS -------------------------------------------------------------------------

@@ -19,6 +19,14 @@ class MaildirHandler:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._maildir = mailbox.Maildir(str(path), create=True)
 
+    async def handle_EHLO(
+        self, server: Any, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Offer PIPELINING, as production relays do, so a local run sends the way a real one
+        does (aiosmtpd answers pipelined commands in order; it only does not say so)."""
+        session.host_name = hostname
+        return [*responses[:1], "250-PIPELINING", *responses[1:]]
+
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or envelope.content
         raw = content if isinstance(content, bytes) else str(content).encode("utf-8")
