@@ -225,6 +225,40 @@ async def test_a_pipelined_message_arrives_dot_stuffed_and_whole() -> None:
     assert got[3] == b"Subject: hi\r\n\r\n..a dot line\r\n.\r\n"
 
 
+async def test_a_reply_nobody_asked_for_is_not_taken_for_the_next_ones() -> None:
+    """A relay that says 421 to an idle connection (and keeps it open, the worst case): the
+    next message goes over a new connection, and is not refused by the stale 421."""
+    connections: list[list[bytes]] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen: list[bytes] = []
+        connections.append(seen)
+        writer.write(b"220 scripted ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-scripted\r\n250 PIPELINING\r\n")
+        seen.extend([await reader.readline() for _ in range(3)])
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 queued\r\n")
+        if len(connections) == 1:
+            writer.write(b"421 4.4.2 idle timeout\r\n")
+        seen.append(await reader.read())
+
+    async with serving(script) as port:
+        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
+        outcomes = []
+        for email in ("a@example.org", "b@example.org"):
+            async with pool.connection() as conn:
+                outcomes.append(await conn.send("list@example.org", email, MESSAGE, False))
+                await asyncio.sleep(0.1)  # idle: the 421 arrives
+        await pool.close()
+    assert outcomes == [Sent("250 2.0.0 queued"), Sent("250 2.0.0 queued")]
+    assert [c[1] for c in connections] == [
+        b"RCPT TO:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.org>\r\n",
+    ]
+
+
 async def test_the_embedded_capture_server_takes_pipelined_mail(tmp_path: Path) -> None:
     """``make run``'s relay offers PIPELINING like a real one, and keeps what it is sent."""
     capture = CaptureServer(tmp_path / "outbox")

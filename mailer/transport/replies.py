@@ -45,6 +45,12 @@ class Replies(asyncio.Protocol):
         transport.set_protocol(replies)
         return replies
 
+    @property
+    def in_step(self) -> bool:
+        """Whether the connection is usable and no reply is waiting that nobody asked for
+        (say a relay's 421 before it closes an idle connection)."""
+        return not self._queue and not self._buffer and self._error is None
+
     def write(self, data: bytes) -> None:
         """Send commands or message content; raises if the connection is gone."""
         if self._error is not None:

@@ -190,6 +190,8 @@ class Connection:
         ``Replies`` from then on.
         """
         client = self._client
+        if self.replies is not None and not self.replies.in_step:
+            _drop(client)  # it spoke out of turn (or is gone): its next reply is not ours
         try:
             if not client.is_connected:
                 await client.connect()
