@@ -146,6 +146,11 @@ async def _data(client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse
     return response
 
 
+def _no_reply_to_data(exc: Exception) -> Unknown:
+    """No (readable) reply once DATA was sent: the relay may have taken the message."""
+    return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")
+
+
 def _drop(client: aiosmtplib.SMTP) -> None:
     if client.is_connected:
         client.close()
@@ -244,7 +249,7 @@ class Connection:
                 self._close()
                 return refusal if refusal is not None else self._unanswered(step, exc)
             if refusal is None and reply.code not in accepted:
-                refusal = self._refusal(step, reply)
+                refusal = self._refused(step, reply.code, reply.message)
         if refusal is not None:
             if reply.code == aiosmtplib.SMTPStatus.start_input:  # DATA taken after a refusal:
                 self._close()  # this relay is out of step with us; start afresh
@@ -255,26 +260,20 @@ class Connection:
             reply = await replies.read()
         except aiosmtplib.SMTPException as exc:  # a malformed reply too: it may have taken it
             self._close()
-            return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")
+            return _no_reply_to_data(exc)
         if reply.code != aiosmtplib.SMTPStatus.completed:
-            return self._refusal("DATA", reply)
+            return self._refused("DATA", reply.code, reply.message)
         return Sent(f"{reply.code} {reply.message}")
 
-    def _refusal(self, step: str, reply: aiosmtplib.SMTPResponse) -> Outcome:
-        """What a refused step means, as step by step (``_mail``, ``_recipient_and_data``)."""
-        if step == "MAIL FROM" and reply.code >= 500:
-            return RelayDown(f"the relay refuses our sender: {reply.code} {reply.message}")
-        return self._refused(step, aiosmtplib.SMTPResponseException(reply.code, reply.message))
-
-    def _unanswered(self, step: str, exc: aiosmtplib.SMTPException) -> Outcome:
-        """A step left without a (readable) reply, as step by step."""
+    def _unanswered(self, step: str, exc: Exception) -> Outcome:
+        """A command left without a (readable) reply, pipelined or step by step."""
         if isinstance(exc, aiosmtplib.SMTPResponseException):  # malformed: nothing taken yet
-            return self._refused(step, exc)
+            return self._refused(step, exc.code, exc.message)
         if step == "MAIL FROM":
             return _GONE
         if step == "RCPT TO":
             return TempFail(f"connection lost at RCPT TO: {exc}")
-        return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")
+        return _no_reply_to_data(exc)
 
     def _close(self) -> None:
         self.broken = True
@@ -284,13 +283,9 @@ class Connection:
         try:
             await self._client.mail(sender, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            if exc.code >= 500:  # our sender address or account is refused, not the recipient
-                return await self._abandon(
-                    RelayDown(f"the relay refuses our sender: {exc.code} {exc.message}")
-                )
-            return await self._abandon(self._refused("MAIL FROM", exc))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            return _GONE
+            return await self._abandon(self._refused("MAIL FROM", exc.code, exc.message))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            return self._unanswered("MAIL FROM", exc)
         return None
 
     async def _abandon(self, outcome: Outcome) -> Outcome:
@@ -313,27 +308,30 @@ class Connection:
         try:
             await client.rcpt(recipient, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            return await self._abandon(self._refused("RCPT TO", exc))
+            return await self._abandon(self._refused("RCPT TO", exc.code, exc.message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
-            return TempFail(f"connection lost at RCPT TO: {exc}")
+            return self._unanswered("RCPT TO", exc)
         try:
             response = await _data(client, data)
         except aiosmtplib.SMTPResponseException as exc:
             # A refusal of the DATA verb itself (before 354) leaves the transaction open.
-            return await self._abandon(self._refused("DATA", exc))
+            return await self._abandon(self._refused("DATA", exc.code, exc.message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.broken = True
-            return Unknown(f"no reply to DATA ({type(exc).__name__}); may have been delivered")
+            return self._unanswered("DATA", exc)
         return Sent(f"{response.code} {response.message}")
 
-    def _refused(self, step: str, exc: aiosmtplib.SMTPResponseException) -> Outcome:
-        reason = f"{step}: {exc.code} {exc.message}"
-        if exc.code == 421 or not self._client.is_connected:
+    def _refused(self, step: str, code: int, message: str) -> Outcome:
+        """What a reply other than the expected one means, pipelined or step by step."""
+        if step == "MAIL FROM" and code >= 500:  # our sender or account, not the recipient
+            return RelayDown(f"the relay refuses our sender: {code} {message}")
+        reason = f"{step}: {code} {message}"
+        if code == 421 or not self._client.is_connected:
             self.broken = True
-        if 400 <= exc.code < 500:
-            return TempFail(reason, relay_backoff=exc.code == 421)
-        if exc.code >= 500:
-            return PermFail(exc.code, reason, _enhanced(exc.message))
+        if 400 <= code < 500:
+            return TempFail(reason, relay_backoff=code == 421)
+        if code >= 500:
+            return PermFail(code, reason, _enhanced(message))
         self.broken = True
         return TempFail(reason)
