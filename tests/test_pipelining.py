@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from mailer.transport.capture import CaptureServer
-from mailer.transport.outcomes import PermFail, Sent, TempFail
+from mailer.transport.outcomes import Outcome, PermFail, Sent, TempFail
 from mailer.transport.replies import MAX_LINE, MAX_REPLY, Replies
 from mailer.transport.smtp import RelayConfig, SmtpPool
 from tests.harness import SinkServer
@@ -151,15 +151,32 @@ async def test_silence_times_out() -> None:
 # --- a relay that gets out of step ---------------------------------------------------------
 
 
+async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[bytes]:
+    """Greet, answer EHLO offering PIPELINING, and read the client's MAIL, RCPT and DATA."""
+    writer.write(b"220 scripted ESMTP\r\n")
+    await reader.readline()  # EHLO
+    writer.write(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    return [await reader.readline() for _ in range(3)]
+
+
+async def send_one(port: int, recipient: str) -> tuple[Outcome, bool]:
+    """One message through a pool of one connection; its outcome, and whether the
+    connection was left broken."""
+    pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
+    try:
+        async with pool.connection() as conn:
+            outcome = await conn.send("list@example.org", recipient, MESSAGE, False)
+            return outcome, conn.broken
+    finally:
+        await pool.close()
+
+
 def relay(group_reply: bytes, seen: list[bytes], hang_up: bool = False) -> Script:
     """A relay that offers PIPELINING, answers the first transaction's MAIL, RCPT and DATA
     with ``group_reply``, then hangs up or records everything the client writes after."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 scripted ESMTP\r\n")
-        await reader.readline()  # EHLO
-        writer.write(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-        seen.extend([await reader.readline() for _ in range(3)])
+        seen.extend(await greet(reader, writer))
         writer.write(group_reply)
         if hang_up:
             return
@@ -178,11 +195,8 @@ async def test_a_relay_that_takes_data_after_refusing_the_recipient_gets_nothing
     seen: list[bytes] = []
     reply = b"250 2.1.0 ok\r\n550 5.1.1 no such user\r\n354 go ahead anyway\r\n"
     async with serving(relay(reply, seen)) as port:
-        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
-        async with pool.connection() as conn:
-            outcome = await conn.send("list@example.org", "gone@example.org", MESSAGE, False)
-            assert conn.broken
-        await pool.close()
+        outcome, broken = await send_one(port, "gone@example.org")
+    assert broken
     assert outcome == PermFail(550, "RCPT TO: 550 5.1.1 no such user", "5.1.1")
     assert seen[:3] == [
         b"MAIL FROM:<list@example.org>\r\n",
@@ -195,11 +209,8 @@ async def test_a_relay_that_takes_data_after_refusing_the_recipient_gets_nothing
 async def test_a_refused_sender_on_a_relay_that_hangs_up_is_still_the_refusal() -> None:
     seen: list[bytes] = []
     async with serving(relay(b"421 4.3.2 closing\r\n", seen, hang_up=True)) as port:
-        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
-        async with pool.connection() as conn:
-            # RCPT and DATA are never answered: the connection is gone after the 421
-            outcome = await conn.send("list@example.org", "a@example.org", MESSAGE, False)
-        await pool.close()
+        # RCPT and DATA are never answered: the connection is gone after the 421
+        outcome, _ = await send_one(port, "a@example.org")
     assert outcome == TempFail("MAIL FROM: 421 4.3.2 closing", relay_backoff=True)
 
 
@@ -207,20 +218,14 @@ async def test_a_pipelined_message_arrives_dot_stuffed_and_whole() -> None:
     got: list[bytes] = []
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 scripted ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250-scripted\r\n250 PIPELINING\r\n")
-        got.extend([await reader.readline() for _ in range(3)])
+        got.extend(await greet(reader, writer))
         writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
         got.append(await reader.readuntil(b"\r\n.\r\n"))
         writer.write(b"250 2.0.0 queued as 42\r\n")
         await reader.read()
 
     async with serving(script) as port:
-        pool = SmtpPool(RelayConfig("127.0.0.1", port, timeout=2.0), size=1)
-        async with pool.connection() as conn:
-            outcome = await conn.send("list@example.org", "a@example.org", MESSAGE, False)
-        await pool.close()
+        outcome, _ = await send_one(port, "a@example.org")
     assert outcome == Sent("250 2.0.0 queued as 42")
     assert got[3] == b"Subject: hi\r\n\r\n..a dot line\r\n.\r\n"
 
@@ -231,12 +236,8 @@ async def test_a_reply_nobody_asked_for_is_not_taken_for_the_next_ones() -> None
     connections: list[list[bytes]] = []
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen: list[bytes] = []
+        seen = await greet(reader, writer)
         connections.append(seen)
-        writer.write(b"220 scripted ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250-scripted\r\n250 PIPELINING\r\n")
-        seen.extend([await reader.readline() for _ in range(3)])
         writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
         await reader.readuntil(b"\r\n.\r\n")
         writer.write(b"250 2.0.0 queued\r\n")
