@@ -1016,14 +1016,14 @@ async def run_postgres(o: Options) -> int:
           " workers + postgres + sink = all")  # fmt: skip
     for count, sent, rate, cpu in results:
         ratio = f"x{rate / base:.2f}" if base else ""
-        us = [x / sent * 1e6 if sent else 0.0 for x in (cpu.workers, cpu.postgres, cpu.sink)]
+        us = cpu.per_message(sent)
         print(f"{count:>7}  {sent:>8,}  {rate:>10,.0f}  {ratio:>13}   "
               f"{us[0]:>8,.0f} + {us[1]:>8,.0f} + {us[2]:>4,.0f} = {sum(us):,.0f}")  # fmt: skip
     cores = os.cpu_count() or 1
     for count, sent, _rate, cpu in results[1:] if base else []:
         # Whatever the design, N workers cannot go faster than the machine's cores divided
         # by the CPU that every process together spends per message at that count.
-        all_us = (cpu.workers + cpu.postgres + cpu.sink) / sent * 1e6 if sent else 0.0
+        all_us = sum(cpu.per_message(sent))
         if all_us:
             ceiling = cores * 1e6 / all_us
             print(f"ceiling for {count} workers here: {cores} cores / {all_us:,.0f} µs per message"
@@ -1085,8 +1085,7 @@ async def _pg_round(
             await asyncio.sleep(2.0)  # let them start
             if profile is not None:  # the first worker only
                 profiler = start_profiler(workers[0].pid, profile, o.profile_rate)
-            before = [sum(cpu_seconds(w.pid) for w in workers), postgres_cpu_seconds(),
-                      cpu_seconds(sink.proc.pid)]  # fmt: skip
+            before = Cpu.now(workers, sink)
             mailer_cli(cwd, env, "campaign", "send", str(campaign_id))
             started = time.perf_counter()
             while await db.fetchval(
@@ -1097,9 +1096,7 @@ async def _pg_round(
                 if any(w.poll() is not None for w in workers):
                     raise SystemExit(f"a worker exited; see {cwd}/worker-*.log")
                 await asyncio.sleep(0.2)
-            after = [sum(cpu_seconds(w.pid) for w in workers), postgres_cpu_seconds(),
-                     cpu_seconds(sink.proc.pid)]  # fmt: skip
-            cpu = Cpu(*(a - b for a, b in zip(after, before, strict=True)))
+            cpu = Cpu.now(workers, sink).minus(before)
         finally:
             if profiler is not None:
                 stop_process(profiler, signal.SIGINT)
@@ -1127,6 +1124,28 @@ class Cpu:
     workers: float
     postgres: float
     sink: float
+
+    @classmethod
+    def now(cls, workers: list[subprocess.Popen[bytes]], sink: Sink) -> "Cpu":
+        """The CPU seconds these processes (and every ``postgres`` process) have used so far."""
+        return cls(
+            sum(cpu_seconds(w.pid) for w in workers),
+            postgres_cpu_seconds(),
+            cpu_seconds(sink.proc.pid),
+        )
+
+    def minus(self, earlier: "Cpu") -> "Cpu":
+        return Cpu(
+            self.workers - earlier.workers,
+            self.postgres - earlier.postgres,
+            self.sink - earlier.sink,
+        )
+
+    def per_message(self, sent: int) -> tuple[float, float, float]:
+        """Microseconds per sent message: workers, postgres, sink."""
+        if not sent:
+            return 0.0, 0.0, 0.0
+        return self.workers / sent * 1e6, self.postgres / sent * 1e6, self.sink / sent * 1e6
 
 
 def main(argv: list[str]) -> int:
