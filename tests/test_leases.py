@@ -130,12 +130,12 @@ class FreezeAfterFirstProbe:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._db, name)
 
-    async def peek(self, statement: Select[Any], params: dict[str, Any]) -> Any:
-        row = await self._db.peek(statement, params)
+    async def peek_all(self, statement: Select[Any], params: dict[str, Any]) -> Any:
+        rows = await self._db.peek_all(statement, params)
         self.peeks += 1
         if self.peeks == 1:
             self._clock.ahead += self._seconds
-        return row
+        return rows
 
 
 @requires_postgres

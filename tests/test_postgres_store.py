@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import Connection, Select, String, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from mailer.store import outbox
 from mailer.store.outbox import Lease
-from mailer.store.postgres import PostgresDatabase
+from mailer.store.postgres import PEEK_SETTINGS, PostgresDatabase, _compile
 from tests.conftest import STAFF
 from tests.harness import SinkServer
 from tests.postgres import fetch, pg_url, requires_postgres
@@ -35,34 +36,58 @@ def through_sqlalchemy(
     return run
 
 
+def through_sqlalchemy_all(
+    statement: Select[Any], params: dict[str, Any]
+) -> Callable[[Connection], list[tuple[Any, ...]]]:
+    """Every row of ``statement``, read the way every other read does."""
+
+    def run(conn: Connection) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in conn.execute(statement, params)]
+
+    return run
+
+
 async def test_peek_returns_what_the_sqlalchemy_path_returns(
     tmp_path: Path, sink: SinkServer, pg_url: str
 ) -> None:
-    """Same values and types (aware UTC datetimes), defaults bound, no row for no match."""
-    async with campaign_rows(tmp_path, sink, pg_url, 2) as (m, _, cid):
+    """Same values and types (aware UTC datetimes), defaults bound, no row for no match; the
+    several-message probe reads each row as the one-message probe does, with the clock."""
+    async with campaign_rows(tmp_path, sink, pg_url, 3) as (m, _, cid):
         claimed = await m.db.write(outbox.claim_batch, datetime.now(UTC), [cid], 2, Lease("a", 30))
+        oids = [c.outbox_id for c in claimed]
+        many = await m.db.peek_all(outbox.PROBES, {"oids": [*oids, 10**9]})
+        alike = await m.db.read(through_sqlalchemy_all(outbox.PROBES, {"oids": oids}))
+        unclocked = [row[:7] + row[8:] for row in many]  # each read has its own clock
+        assert sorted(unclocked) == sorted(row[:7] + row[8:] for row in alike)
+        by_id = {row[-1]: row for row in many}
+        assert sorted(by_id) == sorted(oids)  # one row each, none for an unknown id
         for c in claimed:
             params = {"oid": c.outbox_id}
             row = await m.db.peek(outbox.PROBE, params)
             assert row == await m.db.read(through_sqlalchemy(outbox.PROBE, params))
             assert row is not None and row[3] is True  # confirmed anywhere: the bound default
             assert row[4:6] == ("sending", c.fence)
-            timed = await m.db.peek(outbox.PROBE_WITH_CLOCK, params)
-            assert timed is not None and timed[:7] == row
-            for moment in timed[6:]:
+            timed = by_id[c.outbox_id]
+            assert timed[:7] == row
+            for moment in timed[6:8]:
                 assert isinstance(moment, datetime) and moment.utcoffset() is not None
                 assert moment.tzinfo == UTC
             assert 25 < (timed[6] - timed[7]).total_seconds() <= 30
         assert await m.db.peek(outbox.PROBE, {"oid": 10**9}) is None
+        assert await m.db.peek_all(outbox.PROBES, {"oids": [10**9]}) == []
 
 
-async def test_peeks_run_generic_plans(tmp_path: Path, sink: SinkServer, pg_url: str) -> None:
+async def test_peeks_run_generic_plans_of_index_lookups(
+    tmp_path: Path, sink: SinkServer, pg_url: str
+) -> None:
     """The probe is looked up by primary key: its connections plan it once, not per message
-    (a custom plan at every bind cost more server CPU than running it)."""
+    (a custom plan at every bind cost more server CPU than running it), and by index only.
+    Other connections keep the server's defaults."""
     async with campaign_rows(tmp_path, sink, pg_url, 0) as (m, _, _cid):
-        mode = select(func.current_setting("plan_cache_mode", type_=String))
-        assert await m.db.peek(mode, {}) == ("force_generic_plan",)
-        assert await m.db.read(through_sqlalchemy(mode, {})) != ("force_generic_plan",)
+        for name, value in PEEK_SETTINGS.items():
+            setting = select(func.current_setting(name, type_=String))
+            assert await m.db.peek(setting, {}) == (value,)
+            assert await m.db.read(through_sqlalchemy(setting, {})) != (value,)
 
 
 async def test_the_direct_lane_claim_reads_only_the_direct_lane_index(
@@ -155,3 +180,31 @@ async def test_racing_opt_ins_and_suppressions_all_succeed(
                 pg_url, "SELECT reason FROM suppression WHERE email_hash = $1", hashed
             )
             assert rows == [("manual",)]
+
+
+async def test_the_probe_is_planned_as_index_lookups_on_tables_not_yet_analysed(
+    tmp_path: Path, sink: SinkServer, pg_url: str
+) -> None:
+    """A peek connection plans the probe once and keeps the plan; made while the tables are
+    small and have no statistics (a campaign's first probe), the plan must still look every
+    row up by index. With generic plans alone, PostgreSQL plans sequential scans and hash
+    joins here, which then read whole tables at every probe once they have grown."""
+    async with campaign_rows(tmp_path, sink, pg_url, 50) as (m, _, _cid):
+        peek = _compile(outbox.PROBES, m.db._engine.dialect)
+        assert peek.args({"oids": [1, 2]}) == ["confirmed", 1, [1, 2]]
+        dsn = pg_url.replace("postgresql+asyncpg://", "postgresql://")
+
+        async def plan(settings: dict[str, str]) -> str:
+            conn = await asyncpg.connect(dsn, server_settings=settings)
+            try:
+                await conn.execute(f"PREPARE probe AS {peek.sql}")
+                rows = await conn.fetch("EXPLAIN EXECUTE probe('confirmed', 1, '{1,2}')")
+                return "\n".join(row[0] for row in rows)
+            finally:
+                await conn.close()
+
+        shown = await plan(PEEK_SETTINGS)
+        for way in ("Seq Scan", "Hash", "Merge"):
+            assert way not in shown, shown
+        assert "Index Scan using pk_outbox" in shown or "Bitmap Index Scan on pk_outbox" in shown
+        assert "Seq Scan on outbox" in await plan({"plan_cache_mode": "force_generic_plan"})

@@ -6,11 +6,12 @@ is no other way out.
 * **Claim** (a write, so an fsync): rows are reserved in small batches into a shared
   prefetch buffer, ``sending`` from then on. The claim already skips anyone who left.
 * **Consent check** (G1/G2): after the task holds its SMTP connection and rate-limit token,
-  and right before the hand-off, one prepared read (``outbox.PROBE``) looks at the
-  recipient's subscription, suppression and the campaign's status *as of now*. Anyone who
-  unsubscribed after the claim is skipped; a paused campaign's message goes back to the
-  queue uncharged; a cancelled one's is skipped. Nothing waits between this check and the
-  hand-off, and its time is recorded as ``checked_at``.
+  and right before the hand-off, one read (``outbox.PROBE``) looks at the recipient's
+  subscription, suppression and the campaign's status *as of now*. Anyone who unsubscribed
+  after the claim is skipped; a paused campaign's message goes back to the queue uncharged;
+  a cancelled one's is skipped. Nothing waits between this check and the hand-off, and its
+  time is recorded as ``checked_at``. On PostgreSQL, checks that begin while another one's
+  query is in flight share the next query (``SharedProbe``), never one already sent.
 * **Record**: outcomes are written in batches that share a commit with the next claims.
 * **Leases** (several senders on PostgreSQL): a claim leases each row to this sender until a
   database-clock deadline, under a new fence. The consent probe reads the row's fence and
@@ -32,6 +33,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from mailer.domain.consent import may_send
 from mailer.domain.retry import next_attempt
@@ -39,6 +41,7 @@ from mailer.errors import MailerError, MissingUnsubscribe
 from mailer.services.messages import Built, MessageFactory
 from mailer.services.metrics import Metrics
 from mailer.services.ports import Clock, MailConnection, MailTransport, NoSigner, Signer
+from mailer.services.probing import SharedProbe
 from mailer.services.throttle import Throttle
 from mailer.statuses import CampaignStatus, MessageKind, OutboxStatus
 from mailer.store import campaigns, outbox
@@ -150,7 +153,7 @@ class Sender:
         self._campaigns: dict[int, CampaignRow] = {}
         self._throttle = throttle
         self.lease = Lease(owner, policy.lease_seconds)
-        self._probe = outbox.PROBE_WITH_CLOCK if policy.shared else outbox.PROBE
+        self._shared_probe = SharedProbe(db, outbox.PROBES) if policy.shared else None
         self._relay_backoff = 0.0
         self._relay_closed_until = 0.0
         self._prefetch = prefetch
@@ -257,7 +260,7 @@ class Sender:
         ``Go`` when the message may be handed off; an outcome when it must not go; None when
         this sender no longer holds the row (its lease was reaped or taken): nothing to write.
         """
-        row = await self._db.peek(self._probe, {"oid": message.outbox_id})
+        row = await self._probe(message.outbox_id)
         oid, fence = message.outbox_id, message.fence
         if row is None:  # the person was erased since the claim, and the row with them
             return Outcome(oid, fence, OutboxStatus.SKIPPED, "erased", None)
@@ -286,6 +289,13 @@ class Sender:
             return Go(deadline)
         self._metrics.messages.labels(message.kind.value, "skipped").inc()
         return Outcome(oid, fence, OutboxStatus.SKIPPED, skip.value, None, True, None, now)
+
+    async def _probe(self, outbox_id: int) -> tuple[Any, ...] | None:
+        """The message's probe row as of now: shared with concurrent checks where that saves
+        round trips (PostgreSQL), else one prepared read on the loop's own connection."""
+        if self._shared_probe is not None:
+            return await self._shared_probe.read(outbox_id)
+        return await self._db.peek(outbox.PROBE, {"oid": outbox_id})
 
     def _refuse(self, message: Claimed, where: str) -> Outcome:
         """The lease is (nearly) over before the hand-off: back to the queue, uncharged.

@@ -48,6 +48,12 @@ class Database:
         """One row of a small read on the send path's hot loop, as of this instant."""
         raise NotImplementedError
 
+    async def peek_all(
+        self, statement: Select[Any], params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """Every row of such a read, in one round trip (engines where round trips cost)."""
+        raise NotImplementedError
+
     async def lock_sender(self) -> None:
         """Become the only process sending from this database, or raise ``Conflict``.
 

@@ -38,6 +38,18 @@ ENGINE_POOL_SIZE = 10
 PEEK_CONNECTIONS = 4
 """A peek holds its connection for one round trip (~0.15 ms): a few serve every SMTP
 connection, and every worker's share of ``max_connections`` stays small."""
+PEEK_SETTINGS = {
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+"""The peek connections' planner settings. Peeks look rows up by primary key, so each is
+planned once per connection (a custom plan at every bind cost more server CPU than running
+it), and only as nested loops over indexes. A generic plan made while a table is small or
+not yet analysed (a campaign's first probe, its fan-out under way) otherwise keeps a
+sequential scan of the outbox, or a hash of every campaign, for the connection's life: the
+several-message probe took 2.6 ms instead of 0.1."""
 WRITE_ATTEMPTS = 4
 RACES = frozenset({"23505", "40001", "40P01"})
 """SQLSTATEs of a lost race: unique violation, serialization failure, deadlock."""
@@ -147,6 +159,17 @@ class PostgresDatabase(Database):
             return result
 
     async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
+        rows = await self._fetch(statement, params, one=True)
+        return rows[0] if rows else None
+
+    async def peek_all(
+        self, statement: Select[Any], params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        return await self._fetch(statement, params, one=False)
+
+    async def _fetch(
+        self, statement: Select[Any], params: dict[str, Any], one: bool
+    ) -> list[tuple[Any, ...]]:
         self._check_open()
         peek = self._peeks.get(id(statement))
         if peek is None:
@@ -156,7 +179,11 @@ class PostgresDatabase(Database):
         for attempt in range(2):
             async with pool.acquire() as conn:
                 try:
-                    record = await conn.fetchrow(peek.sql, *args)
+                    if one:
+                        record = await conn.fetchrow(peek.sql, *args)
+                        records = [] if record is None else [record]
+                    else:
+                        records = await conn.fetch(peek.sql, *args)
                     break
                 except Exception:
                     if attempt or not _dropped(conn):
@@ -164,7 +191,7 @@ class PostgresDatabase(Database):
             # The server dropped it while idle in the pool (a restart, an idle timeout): so
             # maybe the others too. Replace them all and run the read again.
             await pool.expire_connections()
-        return None if record is None else peek.row(record)
+        return [peek.row(record) for record in records]
 
     async def _peek_pool(self) -> asyncpg.Pool:
         """The raw pool for peeks, opened at the first one (by one caller; others wait)."""
@@ -179,7 +206,7 @@ class PostgresDatabase(Database):
 
     async def _open_pool(self) -> asyncpg.Pool:
         args, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
-        settings = {**kwargs.pop("server_settings", {}), "plan_cache_mode": "force_generic_plan"}
+        settings = {**kwargs.pop("server_settings", {}), **PEEK_SETTINGS}
         return await asyncpg.create_pool(
             *args,
             min_size=1,
