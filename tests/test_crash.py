@@ -49,18 +49,16 @@ PREFETCH = PREFETCH_PER_CONNECTION * CONNECTIONS
 
 # How many messages can one kill leave `sending` (reported failed "interrupted" at restart)?
 # (mailer/services/sending.py) A row is `sending` from the commit of the claim that reserved
-# it to the commit of its outcome. Claims are made one batch at a time into a buffer of at
-# most PREFETCH rows (a batch asks for PREFETCH minus what is still buffered); each of the C
-# send tasks holds one message taken from the buffer; the Recorder writes outcomes with one
-# write in flight at a time, and a write only waits for the next group commit of the single
-# FIFO SQLite writer. Take the last outcome write W committed before the kill: every outcome
-# handed over before W was queued is on disk, so the `sending` rows are those buffered or in a
-# task's hands when W was queued, plus rows of claims that commit after that: the one batch
-# possibly in flight then (buffered + in flight <= PREFETCH), and at most one more batch
-# (<= PREFETCH), since W's completion wakes the Recorder, which queues its next write before
-# the next claim can be queued. Hence <= C + 2 * PREFETCH. A killed process records nothing
-# more, so it leaves no `unknown` rows, and the restarted one talks to a healthy sink.
-CRASH_BOUND = CONNECTIONS + 2 * PREFETCH
+# it to the commit of its outcome. The sender has one write of outcomes in flight at a time:
+# the Recorder's own, or a claim, which writes every outcome pending when it starts. Take the
+# last such write T that committed before the kill, begun at t: every outcome handed over
+# before t is on disk, and no claim after T committed. So the `sending` rows are those that
+# at t were buffered (at most PREFETCH minus T's own rows, since a claim asks for PREFETCH
+# minus what is still buffered), claimed by T, or in one of the C send tasks' hands. Hence
+# <= C + PREFETCH, on either engine, however long a write takes or waits (PostgreSQL's
+# Recorder waits up to 10 ms for more outcomes). A killed process records nothing more, so it
+# leaves no `unknown` rows, and the restarted one talks to a healthy sink.
+CRASH_BOUND = CONNECTIONS + PREFETCH
 
 
 def free_port() -> int:

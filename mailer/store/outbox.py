@@ -389,13 +389,22 @@ def record(conn: Connection, outcomes: list[Outcome], now: datetime) -> None:
 
 
 def claim_batch(
-    conn: Connection, now: datetime, lanes: list[int | None], limit: int, lease: Lease
+    conn: Connection,
+    now: datetime,
+    lanes: list[int | None],
+    limit: int,
+    lease: Lease,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Claimed]:
-    """Claim up to ``limit`` due messages, taking ``lanes`` in order (``None``: direct lane).
+    """Claim up to ``limit`` due messages, taking ``lanes`` in order (``None``: direct lane),
+    after writing the sender's pending ``outcomes`` (as ``record`` does) in the same
+    transaction.
 
     The lease runs from the database's clock read before the claim (so it ends no later than
     ``lease.seconds`` after the claim commits).
     """
+    if outcomes:
+        record(conn, outcomes, now)
     until = database_now(conn, now) + timedelta(seconds=lease.seconds)
     claimed: list[Claimed] = []
     for lane in lanes:
