@@ -47,6 +47,14 @@ def rows_of(tmp_path: Path, sink: SinkServer, count: int) -> Any:
     return campaign_rows(tmp_path, sink, active.url(tmp_path / "mailer.db"), count)
 
 
+def recording(db: Database, **options: Any) -> tuple[Counted, Recorder]:
+    """A running recorder writing through ``db``, with its writes counted."""
+    counted = Counted(db, options.pop("gate", None))
+    recorder = Recorder(counted, SystemClock(), **options)  # type: ignore[arg-type]
+    recorder.start()
+    return counted, recorder
+
+
 def sent(c: Claimed) -> Outcome:
     return Outcome(c.outbox_id, c.fence, OutboxStatus.SENT, None, None)
 
@@ -62,15 +70,9 @@ def statuses(settings_url: str) -> dict[str, int]:
 async def test_with_linger_outcomes_added_meanwhile_share_one_write(
     tmp_path: Path, sink: SinkServer
 ) -> None:
-    async with rows_of(tmp_path, sink, 3) as (
-        m,
-        settings,
-        cid,
-    ):
+    async with rows_of(tmp_path, sink, 3) as (m, settings, cid):
         a, b, c = await claim(m.db, cid, 3)
-        db = Counted(m.db)
-        recorder = Recorder(db, SystemClock(), linger=LINGER, most=3)  # type: ignore[arg-type]
-        recorder.start()
+        db, recorder = recording(m.db, linger=LINGER, most=3)
         recorder.add(sent(a))
         await asyncio.sleep(LINGER / 3)
         assert db.writes == []  # still lingering
@@ -88,15 +90,9 @@ async def test_with_linger_outcomes_added_meanwhile_share_one_write(
 async def test_with_most_outcomes_pending_the_write_goes_at_once(
     tmp_path: Path, sink: SinkServer
 ) -> None:
-    async with rows_of(tmp_path, sink, 2) as (
-        m,
-        settings,
-        cid,
-    ):
+    async with rows_of(tmp_path, sink, 2) as (m, settings, cid):
         a, b = await claim(m.db, cid, 2)
-        db = Counted(m.db)
-        recorder = Recorder(db, SystemClock(), linger=30.0, most=2)  # type: ignore[arg-type]
-        recorder.start()
+        db, recorder = recording(m.db, linger=30.0, most=2)
         recorder.add(sent(a))
         recorder.add(sent(b))
         await wait_until(
@@ -111,15 +107,9 @@ async def test_a_claim_carries_the_pending_outcomes_and_gives_them_back_if_it_fa
 ) -> None:
     """The claim's turn takes every pending outcome into its own transaction; a claim that
     failed leaves them pending, for the recorder to write."""
-    async with rows_of(tmp_path, sink, 4) as (
-        m,
-        settings,
-        cid,
-    ):
+    async with rows_of(tmp_path, sink, 4) as (m, settings, cid):
         a, b = await claim(m.db, cid, 2)
-        db = Counted(m.db)
-        recorder = Recorder(db, SystemClock(), linger=30.0, most=10)  # type: ignore[arg-type]
-        recorder.start()
+        db, recorder = recording(m.db, linger=30.0, most=10)
         recorder.add(sent(a))
         async with recorder.turn() as carried:
             assert carried == [sent(a)]
@@ -151,9 +141,7 @@ async def test_a_claim_waits_for_the_outcome_write_in_flight(
     async with rows_of(tmp_path, sink, 1) as (m, _, cid):
         (a,) = await claim(m.db, cid, 1)
         release = asyncio.Event()
-        db = Counted(m.db, gate=release)
-        recorder = Recorder(db, SystemClock())  # type: ignore[arg-type]
-        recorder.start()
+        db, recorder = recording(m.db, gate=release)
         recorder.add(sent(a))
         await wait_until(lambda: db.writes == [outbox.record], what="the write in flight")
         entered = asyncio.Event()

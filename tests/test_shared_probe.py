@@ -55,6 +55,12 @@ class Watched:
         return rows
 
 
+def watched_probe(db: Database) -> tuple[Watched, SharedProbe]:
+    """A shared probe over ``db``, with its queries watched."""
+    watched = Watched(db)
+    return watched, SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
+
+
 async def claim_all(db: Database, cid: int, count: int) -> list[Claimed]:
     return await db.write(outbox.claim_batch, datetime.now(UTC), [cid], count, Lease("me", 30))
 
@@ -64,8 +70,7 @@ async def test_concurrent_checks_share_one_query_and_each_gets_its_own_row(
 ) -> None:
     async with campaign_rows(tmp_path, sink, pg_url, 12) as (m, _, cid):
         claimed = await claim_all(m.db, cid, 12)
-        watched = Watched(m.db)
-        probe = SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
+        watched, probe = watched_probe(m.db)
         rows = await asyncio.gather(*(probe.read(c.outbox_id) for c in claimed))
         assert watched.queries == [[c.outbox_id for c in claimed]]  # begun in one turn: one query
         for c, row in zip(claimed, rows, strict=True):
@@ -82,8 +87,7 @@ async def test_a_check_begun_while_a_query_is_in_flight_reads_after_it_began(
     meanwhile (here an unsubscribe answered between the two)."""
     async with campaign_rows(tmp_path, sink, pg_url, 3) as (m, _, cid):
         first, second, third = await claim_all(m.db, cid, 3)
-        watched = Watched(m.db)
-        probe = SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
+        watched, probe = watched_probe(m.db)
         watched.hold = True
         early = asyncio.ensure_future(probe.read(first.outbox_id))
         await watched.held.wait()  # its query has read the database and is on its way back
@@ -105,8 +109,7 @@ async def test_a_failed_query_fails_its_checks_and_the_next_ones_run_anew(
 ) -> None:
     async with campaign_rows(tmp_path, sink, pg_url, 3) as (m, _, cid):
         claimed = await claim_all(m.db, cid, 3)
-        watched = Watched(m.db)
-        probe = SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
+        watched, probe = watched_probe(m.db)
         watched.fail = ConnectionResetError("the server went away")
         results = await asyncio.gather(
             *(probe.read(c.outbox_id) for c in claimed[:2]), return_exceptions=True
@@ -124,8 +127,7 @@ async def test_a_cancelled_check_leaves_the_others_their_answers(
     not even asked for): either way the checks beside it get their rows."""
     async with campaign_rows(tmp_path, sink, pg_url, 4) as (m, _, cid):
         first, second, third, fourth = await claim_all(m.db, cid, 4)
-        watched = Watched(m.db)
-        probe = SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
+        watched, probe = watched_probe(m.db)
         watched.hold = True
         in_flight = [asyncio.ensure_future(probe.read(c.outbox_id)) for c in (first, second)]
         await watched.held.wait()

@@ -3,7 +3,7 @@
 Each message's check right before its hand-off is one read of ``outbox.PROBES``. On
 PostgreSQL a read is a round trip that costs both ends more than the read itself (about
 40 µs of server CPU and as much in the sender for one row, against about 10 µs a row for
-eight). So a sender's checks take turns: at most ``in_flight`` queries run at once, and
+eight). So a sender's checks take turns: at most ``IN_FLIGHT`` queries run at once, and
 every check that starts meanwhile waits for the next query, which reads them all.
 
 G2 holds because a check only ever joins a query that has not been sent yet: the snapshot
@@ -24,10 +24,9 @@ IN_FLIGHT = 1
 class SharedProbe:
     """Reads the probe rows of concurrent checks in as few queries as G2 allows."""
 
-    def __init__(self, db: Database, statement: Select[Any], in_flight: int = IN_FLIGHT) -> None:
+    def __init__(self, db: Database, statement: Select[Any]) -> None:
         self._db = db
         self._statement = statement
-        self._in_flight = in_flight
         self._running: set[asyncio.Task[None]] = set()
         self._waiting: list[tuple[int, asyncio.Future[tuple[Any, ...] | None]]] = []
         self._flushing = False
@@ -43,7 +42,7 @@ class SharedProbe:
     def _schedule(self) -> None:
         # The next query goes out once this turn of the event loop is over, so that checks
         # begun in the same turn (replies read in one batch) share it.
-        if not self._flushing and self._waiting and len(self._running) < self._in_flight:
+        if not self._flushing and self._waiting and len(self._running) < IN_FLIGHT:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 

@@ -7,7 +7,7 @@
   that lost a race (unique violation, serialization failure, deadlock) runs again.
 * **Peeks**, the per-message consent probe right before a hand-off, skip SQLAlchemy: each
   statement is compiled once to PostgreSQL SQL with ``$n`` parameters and runs as one
-  autocommit ``fetchrow`` on a raw asyncpg pool (a single SELECT's snapshot is its own; no
+  autocommit ``fetch`` on a raw asyncpg pool (a single SELECT's snapshot is its own; no
   transaction, no pre-ping, no rollback, no reset on release: one round trip). asyncpg
   prepares it once per connection.
   When the server dropped the connection, every pooled one is replaced and the peek runs
@@ -59,7 +59,7 @@ RETRY_PAUSE = 0.005
 
 @dataclass(frozen=True, slots=True)
 class _Peek:
-    """A statement compiled once for ``fetchrow``: its SQL, how to bind, how to read."""
+    """A statement compiled once for ``fetch``: its SQL, how to bind, how to read."""
 
     statement: Select[Any]  # held so that its id() is not reused while cached
     sql: str
@@ -159,16 +159,11 @@ class PostgresDatabase(Database):
             return result
 
     async def peek(self, statement: Select[Any], params: dict[str, Any]) -> tuple[Any, ...] | None:
-        rows = await self._fetch(statement, params, one=True)
+        rows = await self.peek_all(statement, params)
         return rows[0] if rows else None
 
     async def peek_all(
         self, statement: Select[Any], params: dict[str, Any]
-    ) -> list[tuple[Any, ...]]:
-        return await self._fetch(statement, params, one=False)
-
-    async def _fetch(
-        self, statement: Select[Any], params: dict[str, Any], one: bool
     ) -> list[tuple[Any, ...]]:
         self._check_open()
         peek = self._peeks.get(id(statement))
@@ -179,11 +174,7 @@ class PostgresDatabase(Database):
         for attempt in range(2):
             async with pool.acquire() as conn:
                 try:
-                    if one:
-                        record = await conn.fetchrow(peek.sql, *args)
-                        records = [] if record is None else [record]
-                    else:
-                        records = await conn.fetch(peek.sql, *args)
+                    records = await conn.fetch(peek.sql, *args)
                     break
                 except Exception:
                     if attempt or not _dropped(conn):
