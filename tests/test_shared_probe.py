@@ -5,6 +5,8 @@ one in flight, or makes one fail.
 """
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Select
 
+from mailer.bootstrap import Mailer
 from mailer.domain.ledger import Evidence
 from mailer.services.probing import SharedProbe
 from mailer.statuses import SubscriptionStatus
@@ -55,22 +58,23 @@ class Watched:
         return rows
 
 
-def watched_probe(db: Database) -> tuple[Watched, SharedProbe]:
-    """A shared probe over ``db``, with its queries watched."""
-    watched = Watched(db)
-    return watched, SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
-
-
-async def claim_all(db: Database, cid: int, count: int) -> list[Claimed]:
-    return await db.write(outbox.claim_batch, datetime.now(UTC), [cid], count, Lease("me", 30))
+@asynccontextmanager
+async def probing(
+    tmp_path: Path, sink: SinkServer, url: str, count: int
+) -> AsyncIterator[tuple[Mailer, list[Claimed], Watched, SharedProbe]]:
+    """A campaign's ``count`` messages claimed, and a shared probe with its queries watched."""
+    async with campaign_rows(tmp_path, sink, url, count) as (m, _, cid):
+        claimed = await m.db.write(
+            outbox.claim_batch, datetime.now(UTC), [cid], count, Lease("me", 30)
+        )
+        watched = Watched(m.db)
+        yield m, claimed, watched, SharedProbe(watched, outbox.PROBES)  # type: ignore[arg-type]
 
 
 async def test_concurrent_checks_share_one_query_and_each_gets_its_own_row(
     tmp_path: Path, sink: SinkServer, pg_url: str
 ) -> None:
-    async with campaign_rows(tmp_path, sink, pg_url, 12) as (m, _, cid):
-        claimed = await claim_all(m.db, cid, 12)
-        watched, probe = watched_probe(m.db)
+    async with probing(tmp_path, sink, pg_url, 12) as (_, claimed, watched, probe):
         rows = await asyncio.gather(*(probe.read(c.outbox_id) for c in claimed))
         assert watched.queries == [[c.outbox_id for c in claimed]]  # begun in one turn: one query
         for c, row in zip(claimed, rows, strict=True):
@@ -85,9 +89,8 @@ async def test_a_check_begun_while_a_query_is_in_flight_reads_after_it_began(
     """G2: a check never takes the answer of a query sent before it started. Checks that
     start while one is in flight wait for the next query, which sees what was committed
     meanwhile (here an unsubscribe answered between the two)."""
-    async with campaign_rows(tmp_path, sink, pg_url, 3) as (m, _, cid):
-        first, second, third = await claim_all(m.db, cid, 3)
-        watched, probe = watched_probe(m.db)
+    async with probing(tmp_path, sink, pg_url, 3) as (m, claimed, watched, probe):
+        first, second, third = claimed
         watched.hold = True
         early = asyncio.ensure_future(probe.read(first.outbox_id))
         await watched.held.wait()  # its query has read the database and is on its way back
@@ -107,9 +110,7 @@ async def test_a_check_begun_while_a_query_is_in_flight_reads_after_it_began(
 async def test_a_failed_query_fails_its_checks_and_the_next_ones_run_anew(
     tmp_path: Path, sink: SinkServer, pg_url: str
 ) -> None:
-    async with campaign_rows(tmp_path, sink, pg_url, 3) as (m, _, cid):
-        claimed = await claim_all(m.db, cid, 3)
-        watched, probe = watched_probe(m.db)
+    async with probing(tmp_path, sink, pg_url, 3) as (_, claimed, watched, probe):
         watched.fail = ConnectionResetError("the server went away")
         results = await asyncio.gather(
             *(probe.read(c.outbox_id) for c in claimed[:2]), return_exceptions=True
@@ -125,9 +126,8 @@ async def test_a_cancelled_check_leaves_the_others_their_answers(
 ) -> None:
     """Cancelled while its query is in flight, or before its query is sent (then its id is
     not even asked for): either way the checks beside it get their rows."""
-    async with campaign_rows(tmp_path, sink, pg_url, 4) as (m, _, cid):
-        first, second, third, fourth = await claim_all(m.db, cid, 4)
-        watched, probe = watched_probe(m.db)
+    async with probing(tmp_path, sink, pg_url, 4) as (_, claimed, watched, probe):
+        first, second, third, fourth = claimed
         watched.hold = True
         in_flight = [asyncio.ensure_future(probe.read(c.outbox_id)) for c in (first, second)]
         await watched.held.wait()
